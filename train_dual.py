@@ -1,0 +1,155 @@
+"""Train a dual-stream RGB+IR YOLO detector; re-run after any crash and it continues where it stopped.
+
+    python train_dual.py                      # fresh run, or resume the unfinished one in RUNS_DIR
+    python train_dual.py EPOCHS=3 IMGSZ=320   # override any constant below for this run
+
+What it finds in RUNS_DIR/weights/last.pt decides what happens (see README, "Re-run to resume").
+"""
+
+import ast
+import os
+import signal
+import sys
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings: edit here, or override one run with NAME=value on the command line. Relative paths are from this folder.
+DATA = "data_config.yaml"  # paired RGB+IR dataset config (its comments show how to point it at LLVIP)
+MODEL = "yolov8n-fuse.yaml"  # architecture for fresh runs; a resumed run keeps its checkpoint's architecture
+RUNS_DIR = "runs/fuse"  # the live run trains here; finished runs are archived to RUNS_DIR/expN
+EPOCHS = 100  # total epochs; raise it and re-run to extend an unfinished run
+BATCH = 16  # images per batch
+IMGSZ = 640  # training and validation image size, pixels
+DEVICE = None  # None: the GPU if there is one, else the CPU; or "cpu", "0", "0,1" (multi-GPU)
+WORKERS = 8  # dataloader worker processes (Ultralytics uses 0 on the CPU)
+SEED = 0  # random seed, for repeatable runs
+PATIENCE = 100  # early stopping: epochs without improvement before stopping
+CACHE = False  # cache decoded image pairs: False, "ram" or "disk"
+KEEP_LATEST = 3  # cleanup keeps this many newest experiments in RUNS_DIR...
+MAP_WHITELIST = 0.8  # ...and every experiment whose best mAP50 is at least this
+CLEANUP_EVERY = 10  # prune old experiments every this many epochs (and at once when the disk is nearly full)
+TRASH_HOURS = 24.0  # pruned experiments wait in RUNS_DIR/.trash this long before they are deleted
+MIN_FREE_GB = 5.0  # below this much free disk, the trash is emptied at once
+# ----------------------------------------------------------------------------------------------------------------------
+
+SETTINGS = [name for name in dir() if name.isupper()]
+ROOT = Path(__file__).resolve().parent
+
+
+def apply_overrides(args: list[str]) -> None:
+    """`NAME=value` arguments replace the constants above; values are Python literals or plain strings."""
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if not sep or name not in SETTINGS:
+            sys.exit(f"error: unknown setting {arg!r}; use NAME=value with NAME one of: {', '.join(SETTINGS)}")
+        try:
+            globals()[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            globals()[name] = value
+
+
+def resolve(path) -> Path:
+    return Path(path) if Path(path).is_absolute() else ROOT / path
+
+
+def pick_device():
+    import torch
+
+    if DEVICE is not None:
+        return str(DEVICE)
+    if torch.cuda.is_available():
+        print(f"Training on the GPU: cuda:0 ({torch.cuda.get_device_name(0)}).")
+        return "0"
+    print("No CUDA GPU found: training on the CPU, which is much slower.")
+    return "cpu"
+
+
+def settings_diff(ckpt: dict) -> list[str]:
+    """What the checkpoint was trained with that the current DATA / MODEL would change."""
+    import yaml
+    from ultralytics.nn.tasks import yaml_model_load
+
+    diff = []
+    model_yaml = getattr(ckpt.get("ema") or ckpt.get("model"), "yaml", {})
+    wanted = yaml_model_load(resolve(MODEL))
+    if any(model_yaml.get(k) != wanted.get(k) for k in ("backbone", "head")):
+        diff.append(f"MODEL {MODEL}: architecture differs from the checkpoint's; resuming with the checkpoint's")
+    data = yaml.safe_load(resolve(DATA).read_text()) or {}
+    trained_names = list(ckpt.get("ema").names.values()) if ckpt.get("ema") else None
+    names = data.get("names")
+    names = list(names.values()) if isinstance(names, dict) else names
+    if trained_names is not None and names != trained_names:
+        diff.append(f"DATA {DATA}: classes {names} differ from the checkpoint's {trained_names}")
+    if model_yaml.get("channels") not in (None, data.get("channels")):
+        diff.append(f"DATA {DATA}: channels {data.get('channels')} differ from the checkpoint's {model_yaml['channels']}")
+    return diff
+
+
+def main() -> int:
+    apply_overrides(sys.argv[1:])
+    os.chdir(ROOT)  # the data config's relative dataset path, like every path here, is taken from this folder
+    import cleanup
+    from yolofuse import YOLO, checkpoint
+    from yolofuse.data import check_dataset
+    from yolofuse.lock import RunLock
+
+    runs_dir, data = resolve(RUNS_DIR), resolve(DATA)
+    last = runs_dir / "weights" / "last.pt"
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a pre-empted node stops like Ctrl+C
+    with RunLock(runs_dir):
+        if checkpoint.archive_pending(runs_dir):  # a previous launch died while archiving: finish that first
+            print(f"Finished archiving the previous run into {checkpoint.archive_run(runs_dir)}.")
+        found = checkpoint.probe(last, EPOCHS)
+        print(found.message)
+        if found.state in ("finished", "corrupt"):
+            print(f"Archived the previous run as {checkpoint.archive_run(runs_dir)}.")
+        elif found.state == "unfinished" and found.checkpoint != last:
+            checkpoint.restore_previous(last)
+        check_dataset(data)
+        if found.state == "unfinished":
+            diff = settings_diff(found.ckpt)
+            refuse = [line for line in diff if line.startswith("DATA")]
+            for line in diff:
+                print(f"  {line}")
+            if refuse:
+                raise checkpoint.CheckpointError(
+                    f"{last} was trained on other classes or channels; restore DATA or start a new experiment "
+                    f"(move {runs_dir / 'weights'} away)"
+                )
+        cleanup.prune(runs_dir, KEEP_LATEST, MAP_WHITELIST, TRASH_HOURS, MIN_FREE_GB)
+        settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
+        if found.state == "unfinished":
+            model = YOLO(str(last))
+            settings.update(resume=str(last))
+        else:
+            model = YOLO(str(resolve(MODEL)))
+            settings.update(batch=BATCH, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE, exist_ok=True)
+        model.add_callback(
+            "on_fit_epoch_end",
+            cleanup.make_callback(runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS),
+        )
+        model.train(**settings)
+        metrics = model.trainer.metrics or {}
+        print(
+            f"Done. best.pt: {model.trainer.best}  mAP50 {metrics.get('metrics/mAP50(B)', float('nan')):.3f}  "
+            f"mAP50-95 {metrics.get('metrics/mAP50-95(B)', float('nan')):.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    from yolofuse.checkpoint import CheckpointError
+    from yolofuse.data import DatasetError
+    from yolofuse.lock import RunLockedError
+
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(
+            f"\nInterrupted: every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}. "
+            "Run `python train_dual.py` again to resume.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except (DatasetError, CheckpointError, RunLockedError) as e:
+        sys.exit(f"error: {e}")

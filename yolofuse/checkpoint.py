@@ -1,0 +1,170 @@
+"""Checkpoints that survive a kill at any instant, and the probe that tells what a run folder holds.
+
+Files in `<run>/weights/`: `last.pt` (newest), `last.prev.pt` (the one before, kept until the next is whole),
+`best.pt`. Every write goes to `<stem>.tmp<suffix>`, is fsynced, then renamed over the old file.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PREVIOUS_SUFFIX = ".prev.pt"
+ARCHIVE_MARKER = ".archiving"  # names the expN a half-done archive is moving into
+EXP_NAME = re.compile(r"exp(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used; the message says which file and what to do."""
+
+
+def previous_of(path: Path) -> Path:
+    return path.with_name(path.stem + PREVIOUS_SUFFIX)
+
+
+def staged(path: Path) -> Path:
+    return path.with_name(path.stem + ".tmp" + path.suffix)  # keeps the suffix: Ultralytics loads only known ones
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, path: Path, keep_previous: bool = False) -> None:
+    """Make the finished file `tmp` durable and rename it over `path`.
+
+    With `keep_previous`, the old `path` is first hard-linked as `<stem>.prev.pt`, so at every instant `path`
+    exists whole (old or new) and the previous version survives until the new one is on disk.
+    """
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        previous = previous_of(path)
+        previous.unlink(missing_ok=True)
+        os.link(path, previous)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    tmp = staged(path)
+    tmp.write_bytes(data)
+    commit(tmp, path)
+
+
+def load(path: Path) -> dict:
+    """The checkpoint dict, or CheckpointError naming the file when it is truncated or not a checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickling garbage, missing class...
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+    if not isinstance(ckpt, dict) or ("ema" not in ckpt and "model" not in ckpt):
+        raise CheckpointError(f"{path} is corrupt (not an Ultralytics checkpoint)")
+    return ckpt
+
+
+def is_unfinished(ckpt: dict, epochs: int) -> bool:
+    """Resumable: optimizer state kept (not stripped), and fewer epochs done than the target."""
+    target = max(epochs, ckpt.get("train_args", {}).get("epochs", 0))
+    return ckpt.get("optimizer") is not None and 0 <= ckpt.get("epoch", -1) < target - 1
+
+
+@dataclass
+class Probe:
+    state: str  # "absent", "unfinished", "finished" or "corrupt"
+    message: str  # one line for the user
+    checkpoint: Path | None = None  # the readable checkpoint to use (last.pt or its previous)
+    ckpt: dict | None = None
+
+
+def probe(last: Path, epochs: int) -> Probe:
+    """Say what `last` (and its previous version) holds; a corrupt newest file falls back to the previous one."""
+    previous = previous_of(last)
+    if not last.exists() and not previous.exists():
+        return Probe("absent", f"No checkpoint at {last}: starting a fresh run.")
+    problems = []
+    for path in (last, previous):
+        if not path.exists():
+            continue
+        try:
+            ckpt = load(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        note = f"{'; '.join(problems)}; using the previous checkpoint {path.name}. " if problems else ""
+        done = ckpt.get("epoch", -1) + 1
+        if is_unfinished(ckpt, epochs):
+            target = ckpt["train_args"]["epochs"]
+            return Probe("unfinished", f"{note}Unfinished run at {path}: {done}/{target} epochs done, resuming.", path, ckpt)
+        return Probe("finished", f"{note}Finished run at {path}: archiving it, then starting a fresh run.", path, ckpt)
+    return Probe("corrupt", f"{'; '.join(problems)}; no usable checkpoint: archiving the run, starting fresh.")
+
+
+def restore_previous(last: Path) -> None:
+    """Make `last.prev.pt` the live checkpoint again; the unreadable `last.pt` is kept aside as `last.pt.corrupt`."""
+    if last.exists():
+        os.replace(last, last.with_name(last.name + ".corrupt"))
+    os.link(previous_of(last), last)
+    _fsync_dir(last.parent)
+
+
+def run_files(runs_dir: Path) -> list[Path]:
+    """What a training run writes at the top of its folder: `weights/` and the plain files (csv, yaml, plots)."""
+    return sorted(
+        p
+        for p in runs_dir.iterdir()
+        if not p.name.startswith(".") and ((p.is_file() and not p.is_symlink()) or p.name == "weights")
+    )
+
+
+def next_experiment(runs_dir: Path) -> Path:
+    numbers = [int(m[1]) for p in runs_dir.iterdir() if (m := EXP_NAME.fullmatch(p.name)) and p.is_dir()]
+    return runs_dir / f"exp{max(numbers, default=0) + 1}"
+
+
+def archive_pending(runs_dir: Path) -> bool:
+    return (runs_dir / ARCHIVE_MARKER).exists()
+
+
+def archive_run(runs_dir: Path) -> Path | None:
+    """Move the run at the top of `runs_dir` into the next `expN`; a crash half-way is finished by the next call.
+
+    The marker file names the target before anything moves, so a resumed archive goes on into the same folder.
+    """
+    marker = runs_dir / ARCHIVE_MARKER
+    if marker.exists():
+        target = runs_dir / marker.read_text().strip()
+    elif run_files(runs_dir):
+        target = next_experiment(runs_dir)
+        write_durably(marker, target.name.encode())
+    else:
+        return None
+    target.mkdir(exist_ok=True)
+    for item in run_files(runs_dir):
+        os.replace(item, target / item.name)
+    _fsync_dir(runs_dir)
+    marker.unlink()
+    return target
+
+
+def trim_results(csv: Path, epochs_done: int) -> None:
+    """Drop results.csv rows of epochs after the checkpoint (written before a kill, redone on resume)."""
+    if not csv.exists():
+        return
+    header, *rows = csv.read_text().splitlines(keepends=True)
+
+    def epoch_of(row: str) -> float:
+        try:
+            return float(row.split(",", 1)[0])
+        except ValueError:  # a line cut short by the kill
+            return float("inf")
+
+    kept = [row for row in rows if epoch_of(row) <= epochs_done]
+    if len(kept) != len(rows):
+        write_durably(csv, "".join([header, *kept]).encode())

@@ -1,0 +1,168 @@
+"""Trainer, validator, predictor and the YOLO class for paired RGB+IR data, as subclasses of the stock ones."""
+
+from copy import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import ultralytics
+from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
+from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+from ultralytics.utils import LOGGER, colorstr
+from ultralytics.utils.torch_utils import unwrap_model
+
+from yolofuse import checkpoint
+from yolofuse.data import PairedDataset, check_dataset, load_pair
+
+DEFAULT_CHANNELS = 4  # RGB + 1-channel IR, when a model is built without a dataset to say otherwise
+
+
+def build_paired_dataset(args, img_path, batch, data, mode, stride):
+    """The stock `build_yolo_dataset` settings, with the paired dataset class."""
+    return PairedDataset(
+        img_path=img_path,
+        imgsz=args.imgsz,
+        batch_size=batch,
+        augment=mode == "train",
+        hyp=args,
+        rect=args.rect or mode == "val",
+        cache=args.cache or None,
+        single_cls=args.single_cls or False,
+        stride=stride,
+        pad=0.0 if mode == "train" else 0.5,
+        prefix=colorstr(f"{mode}: "),
+        task=args.task,
+        classes=args.classes,
+        data=data,
+        fraction=args.fraction if mode == "train" else 1.0,
+    )
+
+
+def side_by_side(batch: dict) -> dict:
+    """The batch as RGB | IR images of double width, each box drawn on both halves (stock plots 3 channels only)."""
+    img = batch["img"]
+    ir = img[:, 3:]
+    ir = ir.expand(-1, 3, -1, -1) if ir.shape[1] == 1 else ir
+    wide = {"img": torch.cat([img[:, :3], ir], dim=3)}
+    boxes = batch["bboxes"].clone()  # normalized xywh
+    boxes[:, [0, 2]] /= 2
+    shifted = boxes.clone()
+    shifted[:, 0] += 0.5
+    wide["bboxes"] = torch.cat([boxes, shifted])
+    for key in ("cls", "batch_idx"):
+        wide[key] = torch.cat([batch[key], batch[key]])
+    return {**batch, **wide}
+
+
+class FuseTrainer(DetectionTrainer):
+    """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run."""
+
+    def get_dataset(self):
+        check_dataset(self.args.data)  # one-line errors before Ultralytics' own, longer ones
+        return super().get_dataset()
+
+    def build_dataset(self, img_path, mode="train", batch=None):
+        stride = max(int(unwrap_model(self.model).stride.max()), 32)
+        return build_paired_dataset(self.args, img_path, batch, self.data, mode, stride)
+
+    def get_validator(self):
+        return FuseValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
+
+    def plot_training_samples(self, batch, ni):
+        super().plot_training_samples(side_by_side(batch), ni)
+
+    def check_resume(self, overrides):
+        """Stock resume keeps the checkpoint's `epochs`; a larger requested `epochs` extends the run instead."""
+        super().check_resume(overrides)
+        wanted = overrides.get("epochs")
+        if self.resume and wanted and wanted > self.args.epochs:
+            LOGGER.info(f"Extending the run from {self.args.epochs} to {wanted} epochs; LR schedule recomputed")
+            self.args.epochs = wanted
+
+    def resume_training(self, ckpt):
+        super().resume_training(ckpt)
+        if ckpt is not None and self.resume:
+            checkpoint.trim_results(self.csv, self.start_epoch)
+
+    def save_model(self):
+        """Stock `save_model` writes in place; let it write staged files, then commit each atomically."""
+        last, best = self.last, self.best
+        self.last, self.best = checkpoint.staged(last), checkpoint.staged(best)
+        try:
+            saved = super().save_model()
+        finally:
+            self.last, self.best = last, best
+        checkpoint.commit(checkpoint.staged(last), last, keep_previous=True)
+        if checkpoint.staged(best).exists():
+            checkpoint.commit(checkpoint.staged(best), best)
+        return saved
+
+    def final_eval(self):
+        """Stock `final_eval` strips last.pt and best.pt in place; strip staged copies and commit them instead."""
+        last, best = self.last, self.best
+        for path in (last, best):
+            if path.exists():
+                checkpoint.staged(path).write_bytes(path.read_bytes())
+        self.last, self.best = checkpoint.staged(last), checkpoint.staged(best)
+        try:
+            super().final_eval()
+        finally:
+            self.last, self.best = last, best
+        for path in (last, best):
+            if checkpoint.staged(path).exists():
+                checkpoint.commit(checkpoint.staged(path), path)
+
+
+class FuseValidator(DetectionValidator):
+    def build_dataset(self, img_path, mode="val", batch=None):
+        return build_paired_dataset(self.args, img_path, batch, self.data, mode, self.stride)
+
+    def plot_val_samples(self, batch, ni):
+        super().plot_val_samples(side_by_side(batch), ni)
+
+    def plot_predictions(self, batch, preds, ni, max_det=None):
+        width = batch["img"].shape[3]
+        shift = torch.tensor([width, 0, width, 0], device=batch["img"].device)
+        both = [
+            {**p, **{k: torch.cat([p[k], p[k]]) for k in ("conf", "cls")}, "bboxes": torch.cat([p["bboxes"], p["bboxes"] + shift])}
+            for p in preds
+        ]
+        super().plot_predictions(side_by_side(batch), both, ni, 2 * (max_det or self.args.max_det))
+
+
+class FusePredictor(DetectionPredictor):
+    """Predict on RGB paths; each image's IR partner is found by the dataset's pairing rule."""
+
+    def preprocess(self, im):
+        if not isinstance(im, torch.Tensor):
+            # The stock loader read only the RGB files; read the pairs (already RGB-first, so no BGR flip).
+            pairs = np.stack(self.pre_transform([load_pair(path, self.model.model.yaml["channels"]) for path in self.batch[0]]))
+            im = torch.from_numpy(pairs).to(self.device).permute(0, 3, 1, 2).contiguous()
+            return (im.half() if self.model.fp16 else im.float()) / 255
+        return super().preprocess(im)
+
+
+class FuseDetectionModel(DetectionModel):
+    """DetectionModel built with the stacked channel count (stock `YOLO("x.yaml")` always builds 3)."""
+
+    def __init__(self, cfg="yolov8n-fuse.yaml", ch=None, nc=None, verbose=True):
+        cfg = cfg if isinstance(cfg, dict) else yaml_model_load(cfg)
+        super().__init__(cfg, ch=ch or cfg.get("channels", DEFAULT_CHANNELS), nc=nc, verbose=verbose)
+
+
+class YOLO(ultralytics.YOLO):
+    """`ultralytics.YOLO` whose train, resume, val and predict use the paired classes above."""
+
+    def __init__(self, model="yolov8n-fuse.yaml", verbose=False):
+        super().__init__(model=model, task="detect", verbose=verbose)
+
+    @property
+    def task_map(self):
+        return {
+            "detect": {
+                "model": FuseDetectionModel,
+                "trainer": FuseTrainer,
+                "validator": FuseValidator,
+                "predictor": FusePredictor,
+            }
+        }
