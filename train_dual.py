@@ -19,6 +19,7 @@ MODEL = "yolov8n-fuse.yaml"  # architecture for fresh runs; a resumed run keeps 
 RUNS_DIR = "runs/fuse"  # the live run trains here; finished runs are archived to RUNS_DIR/expN
 EPOCHS = 100  # total epochs; raise it and re-run to extend an unfinished run
 BATCH = 16  # images per batch
+NBS = 64  # nominal batch: gradients accumulate over this many images per optimizer step (use BATCH for tiny sets)
 IMGSZ = 640  # training and validation image size, pixels
 DEVICE = None  # None: the GPU if there is one, else the CPU; or "cpu", "0", "0,1" (multi-GPU)
 WORKERS = 8  # dataloader worker processes (Ultralytics uses 0 on the CPU)
@@ -123,7 +124,7 @@ def main() -> int:
             settings.update(resume=str(last))
         else:
             model = YOLO(str(resolve(MODEL)))
-            settings.update(batch=BATCH, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE, exist_ok=True)
+            settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE, exist_ok=True)
         model.add_callback(
             "on_fit_epoch_end",
             cleanup.make_callback(runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS),

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny copy of the bundled demo dataset, and a way to run train_dual.py as a user would."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "datasets" / "demo_night"
+sys.path.insert(0, str(ROOT))
+
+# Fast settings for real training runs on a CPU: tiny images, tiny batches, an optimizer step per batch.
+FAST = ["IMGSZ=64", "BATCH=4", "NBS=4", "WORKERS=0", "CLEANUP_EVERY=1000"]
+
+
+def make_dataset(root: Path, n_train: int = 8, n_val: int = 4, channels: int = 4) -> Path:
+    """Copy the first demo pairs into `root` (same layout) and write its data yaml; returns the yaml path."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        for rgb in sorted((DEMO / "images" / split).glob("*.jpg"))[:n]:
+            for folder, src in (
+                ("images", rgb),
+                ("imagesIR", next((DEMO / "imagesIR" / split).glob(rgb.stem + ".*"))),
+                ("labels", DEMO / "labels" / split / (rgb.stem + ".txt")),
+            ):
+                dst = root / folder / split / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+    data = root / "data.yaml"
+    data.write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\nchannels: {channels}\n"
+        "names:\n  0: person\n  1: sign\n  2: car\n"
+    )
+    return data
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+def train_dual_cmd(*settings: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train_dual.py"), *FAST, *settings]
+
+
+def run_train_dual(*settings: str, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real script in a subprocess, as a user would; the output is kept for assertions."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        train_dual_cmd(*settings), capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
