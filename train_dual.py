@@ -25,6 +25,7 @@ DEVICE = None  # None: the GPU if there is one, else the CPU; or "cpu", "0", "0,
 WORKERS = 8  # dataloader worker processes (Ultralytics uses 0 on the CPU)
 SEED = 0  # random seed, for repeatable runs
 PATIENCE = 100  # early stopping: epochs without improvement before stopping
+CLOSE_MOSAIC = 10  # the last this many epochs train without mosaic augmentation
 CACHE = False  # cache decoded image pairs: False, "ram" or "disk"
 KEEP_LATEST = 3  # cleanup keeps this many newest experiments in RUNS_DIR...
 MAP_WHITELIST = 0.8  # ...and every experiment whose best mAP50 is at least this
@@ -124,7 +125,8 @@ def main() -> int:
             settings.update(resume=str(last))
         else:
             model = YOLO(str(resolve(MODEL)))
-            settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE, exist_ok=True)
+            settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
+            settings.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
         model.add_callback(
             "on_fit_epoch_end",
             cleanup.make_callback(runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS),

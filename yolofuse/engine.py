@@ -9,9 +9,9 @@ import ultralytics
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER, colorstr
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
-from yolofuse import checkpoint
+from yolofuse import checkpoint, replay
 from yolofuse.data import PairedDataset, check_dataset, load_pair
 
 DEFAULT_CHANNELS = 4  # RGB + 1-channel IR, when a model is built without a dataset to say otherwise
@@ -65,6 +65,12 @@ class FuseTrainer(DetectionTrainer):
         stride = max(int(unwrap_model(self.model).stride.max()), 32)
         return build_paired_dataset(self.args, img_path, batch, self.data, mode, stride)
 
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
+        if mode == "train":
+            replay.use_epoch_shuffle(loader, self.args.seed)
+        return loader
+
     def get_validator(self):
         return FuseValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
 
@@ -81,19 +87,30 @@ class FuseTrainer(DetectionTrainer):
 
     def resume_training(self, ckpt):
         super().resume_training(ckpt)
-        if ckpt is not None and self.resume:
-            checkpoint.trim_results(self.csv, self.start_epoch)
+        if ckpt is None or not self.resume:
+            return
+        if replay.RESUME_KEY in ckpt:
+            replay.restore(self, ckpt[replay.RESUME_KEY], self.start_epoch)
+        else:
+            LOGGER.warning(f"{self.args.resume} has no exact-resume state; resuming from its FP16 EMA as stock does")
+        checkpoint.trim_results(self.csv, self.start_epoch)
 
     def save_model(self):
-        """Stock `save_model` writes in place; let it write staged files, then commit each atomically."""
+        """Stock `save_model` writes in place; let it write staged files, complete them, then commit each atomically.
+
+        last.pt gains the exact-resume state; best.pt keeps only inference weights.
+        """
         last, best = self.last, self.best
         self.last, self.best = checkpoint.staged(last), checkpoint.staged(best)
         try:
             saved = super().save_model()
         finally:
             self.last, self.best = last, best
+        ckpt = torch.load(checkpoint.staged(last), map_location="cpu", weights_only=False)
+        torch.save({**ckpt, replay.RESUME_KEY: replay.capture(self)}, checkpoint.staged(last))
         checkpoint.commit(checkpoint.staged(last), last, keep_previous=True)
         if checkpoint.staged(best).exists():
+            strip_optimizer(checkpoint.staged(best))
             checkpoint.commit(checkpoint.staged(best), best)
         return saved
 
@@ -101,8 +118,10 @@ class FuseTrainer(DetectionTrainer):
         """Stock `final_eval` strips last.pt and best.pt in place; strip staged copies and commit them instead."""
         last, best = self.last, self.best
         for path in (last, best):
-            if path.exists():
-                checkpoint.staged(path).write_bytes(path.read_bytes())
+            if path.exists():  # a finished run cannot resume: its exact-resume state goes too
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                ckpt.pop(replay.RESUME_KEY, None)
+                torch.save(ckpt, checkpoint.staged(path))
         self.last, self.best = checkpoint.staged(last), checkpoint.staged(best)
         try:
             super().final_eval()

@@ -1,0 +1,78 @@
+"""Exact resume: the training state stock checkpoints leave out, so a resumed run replays the uninterrupted one.
+
+Stock `last.pt` holds an FP16 EMA (the live model is rebuilt from it), FP16 optimizer moments, no RNG state, and
+the train loader reshuffles from a constant seed. `capture` stores, under one extra key of `last.pt`, the FP32 live
+weights, FP32 EMA, FP32 optimizer state, the Python / NumPy / torch RNG states and the mosaic buffer; the shuffle
+order comes from `EpochShuffle`, a pure function of (seed, epoch). `restore` puts all of it back.
+"""
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import RandomSampler, Sampler
+from ultralytics.utils.torch_utils import unwrap_model
+
+RESUME_KEY = "resume_state"
+
+
+class EpochShuffle(Sampler):
+    """Random order seeded by (seed, pass number): one pass per epoch, so epoch E's order is known after a restart.
+
+    (A stock `RandomSampler` draws from a generator whose position a fresh process cannot reproduce.)
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.passes = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.passes))
+        self.passes += 1
+        return iter(order.tolist())
+
+
+def use_epoch_shuffle(loader, seed: int) -> None:
+    """Swap the shuffling sampler inside an Ultralytics train loader (single process; DDP samplers are per-epoch)."""
+    batch_sampler = loader.batch_sampler.sampler  # InfiniteDataLoader wraps its BatchSampler in a _RepeatSampler
+    if isinstance(batch_sampler.sampler, RandomSampler):
+        batch_sampler.sampler = EpochShuffle(len(batch_sampler.sampler), seed)
+
+
+def capture(trainer) -> dict:
+    """Everything beyond the stock checkpoint that the next epoch depends on, at the end of an epoch."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "model": unwrap_model(trainer.model).state_dict(),  # FP32 live weights (stock keeps only the FP16 EMA)
+        "ema": trainer.ema.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),  # FP32 moments (stock converts them to FP16)
+        "rng": rng,
+        "mosaic_buffer": list(getattr(trainer.train_loader.dataset, "buffer", [])),
+    }
+
+
+def restore(trainer, state: dict, start_epoch: int) -> None:
+    """Put the captured state back into a trainer whose stock resume has just run."""
+    unwrap_model(trainer.model).load_state_dict(state["model"])
+    trainer.ema.ema.load_state_dict(state["ema"])
+    for saved, group in zip(state["optimizer"]["param_groups"], trainer.optimizer.param_groups):
+        saved["fused"] = group.get("fused")  # the runtime device picks the kernel, as in stock resume
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    sampler = trainer.train_loader.batch_sampler.sampler.sampler
+    if isinstance(sampler, EpochShuffle):
+        sampler.passes = start_epoch
+    dataset = trainer.train_loader.dataset
+    if hasattr(dataset, "buffer"):  # mosaic draws partners from recently loaded images; reload them in order
+        dataset.buffer.clear()
+        for i in state["mosaic_buffer"]:
+            dataset.load_image(i)
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
