@@ -7,10 +7,20 @@ What it finds in RUNS_DIR/weights/last.pt decides what happens (see README, "Re-
 """
 
 import ast
+import logging
 import os
 import signal
 import sys
 from pathlib import Path
+
+import torch
+import yaml
+
+import cleanup  # imports yolofuse first, which keeps Ultralytics offline
+from yolofuse import YOLO, checkpoint
+from yolofuse.checkpoint import CheckpointError
+from yolofuse.data import DatasetError, check_dataset
+from yolofuse.lock import RunLock, RunLockedError
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings: edit here, or override one run with NAME=value on the command line. Relative paths are from this folder.
@@ -55,8 +65,6 @@ def resolve(path) -> Path:
 
 
 def pick_device():
-    import torch
-
     if DEVICE is not None:
         return str(DEVICE)
     if torch.cuda.is_available():
@@ -66,35 +74,35 @@ def pick_device():
     return "cpu"
 
 
-def settings_diff(ckpt: dict) -> list[str]:
-    """What the checkpoint was trained with that the current DATA / MODEL would change."""
-    import yaml
-    from ultralytics.nn.tasks import yaml_model_load
+def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str]]:
+    """(notes, conflicts) between the checkpoint and the current MODEL / DATA.
 
-    diff = []
-    model_yaml = getattr(ckpt.get("ema") or ckpt.get("model"), "yaml", {})
-    wanted = yaml_model_load(resolve(MODEL))
-    if any(model_yaml.get(k) != wanted.get(k) for k in ("backbone", "head")):
-        diff.append(f"MODEL {MODEL}: architecture differs from the checkpoint's; resuming with the checkpoint's")
-    data = yaml.safe_load(resolve(DATA).read_text()) or {}
-    trained_names = list(ckpt.get("ema").names.values()) if ckpt.get("ema") else None
-    names = data.get("names")
+    A changed architecture is a note: the run goes on with the checkpoint's. Other classes or channels are conflicts:
+    the trained model cannot take them, so the launcher refuses rather than guess.
+    """
+    notes, conflicts = [], []
+    trained = ckpt.get("ema") or ckpt.get("model")
+    wanted = yaml.safe_load(resolve(MODEL).read_text())
+    if any(trained.yaml.get(k) != wanted.get(k) for k in ("backbone", "head")):
+        notes.append(f"MODEL {MODEL} differs from the checkpoint's architecture; resuming with the checkpoint's")
+    config = yaml.safe_load(data.read_text()) or {}
+    names = config.get("names")
     names = list(names.values()) if isinstance(names, dict) else names
-    if trained_names is not None and names != trained_names:
-        diff.append(f"DATA {DATA}: classes {names} differ from the checkpoint's {trained_names}")
-    if model_yaml.get("channels") not in (None, data.get("channels")):
-        diff.append(f"DATA {DATA}: channels {data.get('channels')} differ from the checkpoint's {model_yaml['channels']}")
-    return diff
+    if names != list(trained.names.values()):
+        conflicts.append(f"classes {names} in {data.name} differ from the checkpoint's {list(trained.names.values())}")
+    if config.get("channels") != trained.yaml.get("channels"):
+        conflicts.append(f"channels: {config.get('channels')} in {data.name} differ from the checkpoint's {trained.yaml.get('channels')}")
+    trained_on = ckpt.get("train_args", {}).get("data")
+    if trained_on != str(data):
+        notes.append(f"DATA is now {data} (the checkpoint trained on {trained_on}); same classes and channels")
+    return notes, conflicts
 
 
 def main() -> int:
     apply_overrides(sys.argv[1:])
     os.chdir(ROOT)  # the data config's relative dataset path, like every path here, is taken from this folder
-    import cleanup
-    from yolofuse import YOLO, checkpoint
-    from yolofuse.data import check_dataset
-    from yolofuse.lock import RunLock
-
+    cleanup.log.addHandler(logging.StreamHandler(sys.stdout))  # each pruning decision, one line
+    cleanup.log.setLevel(logging.INFO)
     runs_dir, data = resolve(RUNS_DIR), resolve(DATA)
     last = runs_dir / "weights" / "last.pt"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a pre-empted node stops like Ctrl+C
@@ -109,14 +117,12 @@ def main() -> int:
             checkpoint.restore_previous(last)
         check_dataset(data)
         if found.state == "unfinished":
-            diff = settings_diff(found.ckpt)
-            refuse = [line for line in diff if line.startswith("DATA")]
-            for line in diff:
-                print(f"  {line}")
-            if refuse:
-                raise checkpoint.CheckpointError(
-                    f"{last} was trained on other classes or channels; restore DATA or start a new experiment "
-                    f"(move {runs_dir / 'weights'} away)"
+            notes, conflicts = compare_with_checkpoint(found.ckpt, data)
+            for note in notes:
+                print(f"  {note}")
+            if conflicts:
+                raise CheckpointError(
+                    f"{last}: {conflicts[0]}; restore DATA, or start a new experiment by moving {runs_dir / 'weights'} away"
                 )
         cleanup.prune(runs_dir, KEEP_LATEST, MAP_WHITELIST, TRASH_HOURS, MIN_FREE_GB)
         settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
@@ -141,10 +147,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from yolofuse.checkpoint import CheckpointError
-    from yolofuse.data import DatasetError
-    from yolofuse.lock import RunLockedError
-
     try:
         sys.exit(main())
     except KeyboardInterrupt:

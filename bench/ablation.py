@@ -7,6 +7,7 @@ this project's yamls on the stacked 4-channel input. Prints mAP50 and mAP50-95 p
 """
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,11 +27,11 @@ SETTINGS = dict(epochs=EPOCHS, imgsz=IMGSZ, batch=8, nbs=8, workers=0, device="c
 
 
 def single_modality_data(work: Path, folder: str, channels: int) -> Path:
-    """A stock-layout view of one modality: its frames linked as images/, sharing the labels."""
+    """A stock-layout copy of one modality: its frames as images/, with the shared labels (copies, since
+    Ultralytics resolves links and would then look for labels beside the original folder)."""
     root = work / folder
-    root.mkdir()
-    (root / "images").symlink_to(DEMO / folder)
-    (root / "labels").symlink_to(DEMO / "labels")
+    shutil.copytree(DEMO / folder, root / "images")
+    shutil.copytree(DEMO / "labels", root / "labels")
     data = root / "data.yaml"
     data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nchannels: {channels}\n{NAMES}")
     return data

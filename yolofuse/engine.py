@@ -1,5 +1,7 @@
 """Trainer, validator, predictor and the YOLO class for paired RGB+IR data, as subclasses of the stock ones."""
 
+import shutil
+from contextlib import contextmanager
 from copy import copy
 from pathlib import Path
 
@@ -95,41 +97,44 @@ class FuseTrainer(DetectionTrainer):
             LOGGER.warning(f"{self.args.resume} has no exact-resume state; resuming from its FP16 EMA as stock does")
         checkpoint.trim_results(self.csv, self.start_epoch)
 
-    def save_model(self):
-        """Stock `save_model` writes in place; let it write staged files, complete them, then commit each atomically.
-
-        last.pt gains the exact-resume state; best.pt keeps only inference weights.
-        """
+    @contextmanager
+    def staged_checkpoints(self):
+        """Point stock code at `last.tmp.pt` / `best.tmp.pt`: what it writes in place is committed atomically after."""
         last, best = self.last, self.best
         self.last, self.best = checkpoint.staged(last), checkpoint.staged(best)
         try:
-            saved = super().save_model()
+            yield
         finally:
             self.last, self.best = last, best
-        ckpt = torch.load(checkpoint.staged(last), map_location="cpu", weights_only=False)
-        torch.save({**ckpt, replay.RESUME_KEY: replay.capture(self)}, checkpoint.staged(last))
-        checkpoint.commit(checkpoint.staged(last), last, keep_previous=True)
-        if checkpoint.staged(best).exists():
-            strip_optimizer(checkpoint.staged(best))
-            checkpoint.commit(checkpoint.staged(best), best)
+
+    def save_model(self):
+        """Stock `save_model`, then last.pt gains the exact-resume state and best.pt keeps only inference weights."""
+        with self.staged_checkpoints():
+            saved = super().save_model()
+        staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
+        ckpt = torch.load(staged_last, map_location="cpu", weights_only=False)
+        torch.save({**ckpt, replay.RESUME_KEY: replay.capture(self)}, staged_last)
+        checkpoint.commit(staged_last, self.last, keep_previous=True)
+        if staged_best.exists():
+            strip_optimizer(staged_best)
+            checkpoint.commit(staged_best, self.best)
         return saved
 
     def final_eval(self):
-        """Stock `final_eval` strips last.pt and best.pt in place; strip staged copies and commit them instead."""
-        last, best = self.last, self.best
-        for path in (last, best):
-            if path.exists():  # a finished run cannot resume: its exact-resume state goes too
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-                ckpt.pop(replay.RESUME_KEY, None)
-                torch.save(ckpt, checkpoint.staged(path))
-        self.last, self.best = checkpoint.staged(last), checkpoint.staged(best)
-        try:
+        """Stock `final_eval` strips last.pt and best.pt in place and validates best; do it on staged copies."""
+        staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
+        if self.last.exists():
+            ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+            ckpt.pop(replay.RESUME_KEY, None)  # a finished run cannot resume
+            torch.save(ckpt, staged_last)
+        if self.best.exists():
+            shutil.copyfile(self.best, staged_best)
+        with self.staged_checkpoints():
             super().final_eval()
-        finally:
-            self.last, self.best = last, best
-        for path in (last, best):
-            if checkpoint.staged(path).exists():
-                checkpoint.commit(checkpoint.staged(path), path)
+        for staged, path in ((staged_last, self.last), (staged_best, self.best)):
+            if staged.exists():
+                checkpoint.commit(staged, path)
+        checkpoint.previous_of(self.last).unlink(missing_ok=True)  # a finished run has nothing to fall back to
 
 
 class FuseValidator(DetectionValidator):

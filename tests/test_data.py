@@ -1,0 +1,497 @@
+"""Paired RGB+IR data: the pairing rule, the stacked array, augmentations, caches and the pre-training checks.
+
+Everything runs on tiny synthetic images written into tmp_path (or a few copied demo pairs), CPU only, offline.
+"""
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import yolofuse  # noqa: F401  (offline settings and the fusion layer, before ultralytics is used)
+from conftest import make_dataset
+from ultralytics.cfg import get_cfg
+from ultralytics.data.augment import RandomHSV
+from ultralytics.data.utils import check_det_dataset
+from yolofuse import data as fdata
+from yolofuse.data import DatasetError, PairedDataset, RGBOnlyHSV, check_dataset, ir_path, load_pair
+from yolofuse.engine import build_paired_dataset
+
+PAD = 114  # Ultralytics' letterbox / mosaic / perspective fill value
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def touch_image(path: Path, img: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img), path
+    return path
+
+
+def cfg(**overrides):
+    """Training args with every random augmentation off unless asked for; small images."""
+    base = dict(
+        imgsz=64, mosaic=0.0, mixup=0.0, cutmix=0.0, copy_paste=0.0, degrees=0.0, translate=0.0, scale=0.0,
+        shear=0.0, perspective=0.0, fliplr=0.0, flipud=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, cache=False,
+        close_mosaic=0,
+    )
+    return get_cfg(overrides={**base, **overrides})
+
+
+def write_yaml(root: Path, channels: int, names=("thing",)) -> Path:
+    lines = [f"path: {root}", "train: images/train", "val: images/val", f"channels: {channels}", "names:"]
+    lines += [f"  {i}: {n}" for i, n in enumerate(names)]
+    (root / "data.yaml").write_text("\n".join(lines) + "\n")
+    return root / "data.yaml"
+
+
+def marker_dataset(root: Path, n: int = 8, channels: int = 4, h: int = 96, w: int = 128) -> Path:
+    """n pairs per split: black frames with one bright rectangle at the same place in RGB and IR (varies per pair)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k in range(n):
+            rgb = np.zeros((h, w, 3), np.uint8)
+            ir = np.zeros((h, w) if channels == 4 else (h, w, 3), np.uint8)
+            lines = []
+            for _ in range(3):  # a few markers, so some are inside every mosaic crop
+                bh, bw = int(rng.integers(16, 36)), int(rng.integers(16, 36))
+                y0, x0 = int(rng.integers(0, h - bh)), int(rng.integers(0, w - bw))
+                rgb[y0 : y0 + bh, x0 : x0 + bw] = 255
+                ir[y0 : y0 + bh, x0 : x0 + bw] = 255
+                lines.append(f"0 {(x0 + bw / 2) / w:.6f} {(y0 + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}\n")
+            touch_image(root / "images" / split / f"{k:04d}.png", rgb)
+            touch_image(root / "imagesIR" / split / f"{k:04d}.png", ir)
+            label = root / "labels" / split / f"{k:04d}.txt"
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.write_text("".join(lines))
+    return write_yaml(root, channels)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def seed(s: int = 0) -> None:
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def assert_one_line_error(exc: pytest.ExceptionInfo, *must_contain: str) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg, f"error must be one line: {msg!r}"
+    for part in must_contain:
+        assert str(part) in msg, f"{part!r} not in error {msg!r}"
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------------ pairing rule
+@pytest.mark.parametrize(
+    "rgb, expected",
+    [
+        ("data/images/train/x.jpg", "data/imagesIR/train/x.jpg"),
+        ("data/images_2024/images/train/x.jpg", "data/images_2024/imagesIR/train/x.jpg"),
+        ("images/LLVIP/images/train/x.jpg", "images/LLVIP/imagesIR/train/x.jpg"),
+        ("images/images/train/sub/x.jpg", "images/imagesIR/train/sub/x.jpg"),
+    ],
+)
+def test_ir_path_replaces_only_last_images_folder(tmp_path, rgb, expected):
+    # Missing partner: the expected path (same name) is returned so the caller can report it.
+    assert ir_path(tmp_path / rgb) == tmp_path / expected
+    # Present partner, plus a decoy at the place a "replace the first images" rule would look.
+    touch_image(tmp_path / expected, np.zeros((4, 4), np.uint8))
+    parts = Path(rgb).parts
+    wrong = Path(*[("imagesIR" if p == "images" and i == parts.index("images") else p) for i, p in enumerate(parts)])
+    if wrong != Path(expected):
+        touch_image(tmp_path / wrong, np.zeros((4, 4), np.uint8))
+    assert ir_path(tmp_path / rgb) == tmp_path / expected
+
+
+def test_ir_path_finds_partner_by_stem_with_other_suffix(tmp_path):
+    rgb = touch_image(tmp_path / "images_2024" / "images" / "val" / "0007.jpg", np.zeros((4, 4, 3), np.uint8))
+    ir = touch_image(tmp_path / "images_2024" / "imagesIR" / "val" / "0007.png", np.zeros((4, 4), np.uint8))
+    touch_image(tmp_path / "images_2024" / "imagesIR" / "val" / "0008.jpg", np.zeros((4, 4), np.uint8))  # other stem
+    assert ir_path(rgb) == ir
+    assert ir_path(str(rgb)) == ir  # str accepted too
+    # Same suffix wins when both exist.
+    same = touch_image(ir.with_suffix(".jpg"), np.zeros((4, 4), np.uint8))
+    assert ir_path(rgb) == same
+
+
+@pytest.mark.parametrize("rgb_name, ir_name", [("a.JPG", "a.PNG"), ("a.jpg", "a.PNG"), ("a.JPG", "a.png")])
+def test_ir_path_other_suffix_any_case(tmp_path, rgb_name, ir_name):
+    """Upper-case suffixes count as images everywhere else (Ultralytics, `check_dataset`); the IR lookup too."""
+    rgb = touch_image(tmp_path / "images" / "train" / rgb_name, np.zeros((4, 4, 3), np.uint8))
+    ir = touch_image(tmp_path / "imagesIR" / "train" / ir_name, np.zeros((4, 4), np.uint8))
+    assert ir_path(rgb) == ir
+
+
+@pytest.mark.parametrize("rgb", ["data/pics/train/x.jpg", "data/images_2024/train/x.jpg", "x.jpg", "imagesIR/t/x.jpg"])
+def test_ir_path_outside_images_folder_raises(tmp_path, rgb):
+    with pytest.raises(DatasetError) as e:
+        ir_path(tmp_path / rgb)
+    assert_one_line_error(e, "x.jpg", "images/")
+
+
+# ---------------------------------------------------------------------------------------------------------- load_pair
+def test_load_pair_is_rgb_then_ir(tmp_path):
+    bgr = np.zeros((16, 20, 3), np.uint8)
+    bgr[:8, :10] = (0, 0, 255)  # pure red in OpenCV's BGR order
+    bgr[8:, 10:] = (255, 0, 0)  # pure blue
+    rgb = touch_image(tmp_path / "images" / "train" / "a.png", bgr)
+    touch_image(tmp_path / "imagesIR" / "train" / "a.png", np.full((16, 20), 77, np.uint8))
+
+    pair = load_pair(rgb, 4)
+    assert pair.shape == (16, 20, 4) and pair.dtype == np.uint8
+    assert (pair[:8, :10, 0] == 255).all() and (pair[:8, :10, 1:3] == 0).all(), "channel 0 must be red (RGB, not BGR)"
+    assert (pair[8:, 10:, 2] == 255).all() and (pair[8:, 10:, :2] == 0).all(), "channel 2 must be blue"
+    assert (pair[..., 3] == 77).all(), "channel 3 must be the IR value"
+
+
+def test_load_pair_three_channel_ir_with_six_channels(tmp_path):
+    rgb = touch_image(tmp_path / "images" / "val" / "b.jpg", np.full((12, 12, 3), 50, np.uint8))
+    ir_bgr = np.zeros((12, 12, 3), np.uint8)
+    ir_bgr[:] = (10, 20, 30)  # B, G, R as stored by OpenCV
+    touch_image(tmp_path / "imagesIR" / "val" / "b.png", ir_bgr)
+
+    pair = load_pair(rgb, 6)
+    assert pair.shape == (12, 12, 6)
+    assert (np.abs(pair[..., :3].astype(int) - 50) <= 2).all()
+    # 3-channel IR is stacked in RGB order too, like the visible frame.
+    assert (pair[..., 3] == 30).all() and (pair[..., 4] == 20).all() and (pair[..., 5] == 10).all()
+
+
+@pytest.mark.parametrize("ir_channels, channels, fix", [(3, 4, "channels: 6"), (1, 6, "channels: 4")])
+def test_load_pair_channel_mismatch_names_file(tmp_path, ir_channels, channels, fix):
+    rgb = touch_image(tmp_path / "images" / "train" / "c.jpg", np.zeros((8, 8, 3), np.uint8))
+    ir = touch_image(
+        tmp_path / "imagesIR" / "train" / "c.png", np.zeros((8, 8, 3) if ir_channels == 3 else (8, 8), np.uint8)
+    )
+    with pytest.raises(DatasetError) as e:
+        load_pair(rgb, channels)
+    assert_one_line_error(e, str(ir), "channels", fix)
+
+
+def test_load_pair_rgba_ir_suggests_a_supported_fix(tmp_path):
+    """A 4-channel (BGRA) IR PNG cannot be fixed by 'channels: 7' (unsupported): the message must not suggest it."""
+    rgb = touch_image(tmp_path / "images" / "train" / "f.jpg", np.zeros((8, 8, 3), np.uint8))
+    ir = touch_image(tmp_path / "imagesIR" / "train" / "f.png", np.full((8, 8, 4), 90, np.uint8))
+    with pytest.raises(DatasetError) as e:
+        load_pair(rgb, 4)
+    msg = assert_one_line_error(e, str(ir))
+    assert "channels: 7" not in msg, f"suggests an unsupported channel count: {msg}"
+
+
+def test_load_pair_missing_or_unreadable(tmp_path):
+    rgb = touch_image(tmp_path / "images" / "train" / "d.jpg", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError) as e:
+        load_pair(rgb, 4)
+    assert_one_line_error(e, str(tmp_path / "imagesIR" / "train" / "d.jpg"), "IR")
+    bad = tmp_path / "imagesIR" / "train" / "d.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DatasetError) as e:
+        load_pair(rgb, 4)
+    assert_one_line_error(e, str(bad))
+    with pytest.raises(DatasetError) as e:
+        load_pair(tmp_path / "images" / "train" / "gone.jpg", 4)
+    assert_one_line_error(e, "gone.jpg")
+
+
+@pytest.mark.parametrize("channels", [4, 6])
+def test_load_pair_resizes_other_size_ir_with_warning(tmp_path, monkeypatch, channels):
+    warnings = []
+    monkeypatch.setattr(fdata, "_warned_resize", False)
+    monkeypatch.setattr(fdata.LOGGER, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+    bgr = np.zeros((64, 96, 3), np.uint8)
+    bgr[16:48, 24:72] = 255
+    rgb = touch_image(tmp_path / "images" / "train" / "e.png", bgr)
+    ir = np.zeros((32, 48) if channels == 4 else (32, 48, 3), np.uint8)  # half resolution, same scene
+    ir[8:24, 12:36] = 255
+    ir_file = touch_image(tmp_path / "imagesIR" / "train" / "e.png", ir)
+
+    pair = load_pair(rgb, channels)
+    assert pair.shape == (64, 96, channels)
+    assert iou(pair[..., 0] > 127, pair[..., 3] > 127) > 0.9, "resized IR must stay aligned with the RGB frame"
+    assert len(warnings) == 1 and str(ir_file) in warnings[0]
+    load_pair(rgb, channels)
+    assert len(warnings) == 1, "warn once, not per frame"
+
+
+# ------------------------------------------------------------------------------------------- augmentation alignment
+@pytest.mark.parametrize("channels", [4, 6])
+def test_mosaic_perspective_flip_keep_rgb_and_ir_aligned(tmp_path, channels):
+    data_yaml = marker_dataset(tmp_path / "d", n=8, channels=channels)
+    data = check_det_dataset(str(data_yaml))
+    assert data["channels"] == channels
+    args = cfg(
+        imgsz=128, mosaic=1.0, degrees=10, translate=0.1, scale=0.5, shear=2, perspective=0.0005, fliplr=0.5,
+        flipud=0.5,
+    )
+    ds = build_paired_dataset(args, data["train"], 4, data, mode="train", stride=32)
+    assert type(ds) is PairedDataset
+    seed(0)
+    padded_samples = 0
+    for i in range(16):
+        img = ds[i % len(ds)]["img"].numpy()  # C x H x W
+        assert img.shape == (channels, 128, 128) and img.dtype == np.uint8
+        rgb = (img[:3] > 127).all(0)
+        assert rgb.sum() > 20, f"sample {i}: no marker visible"
+        for c in range(3, channels):
+            ir = img[c] > 127
+            assert iou(rgb, ir) > 0.95, f"sample {i}: IR channel {c} marker moved away from the RGB marker"
+        # Where one channel is padding, every channel is padding (no channel filled with 0 or another value).
+        pad = img == PAD
+        assert (pad.all(0) == pad.any(0)).all(), f"sample {i}: padding differs between channels"
+        padded_samples += pad.all(0).sum() > 50
+    assert padded_samples, "mosaic + scale 0.5 should leave 114 borders in some samples"
+
+    # Val: letterboxed to a rect batch shape; the padded corner is 114 on every channel.
+    val = build_paired_dataset(args, data["val"], 4, data, mode="val", stride=32)
+    img = val[0]["img"].numpy()
+    assert img.shape[1:] != (96, 128), "expected letterbox padding at this size"
+    for y, x in ((0, 0), (-1, -1), (0, -1), (-1, 0)):
+        assert (img[:, y, x] == PAD).all(), f"corner {(y, x)}: {img[:, y, x]}"
+    assert iou((img[:3] > 127).all(0), img[3] > 127) > 0.95
+
+
+# --------------------------------------------------------------------------------------------------------------- HSV
+def colorful_pair(h=64, w=64, channels=4, s=0):
+    rng = np.random.default_rng(s)
+    rgb = rng.integers(30, 226, (h, w, 3), dtype=np.uint8)
+    ir = rng.integers(0, 256, (h, w, channels - 3), dtype=np.uint8)
+    return rgb, ir
+
+
+@pytest.mark.parametrize("channels", [4, 6])
+def test_rgb_only_hsv_changes_rgb_leaves_ir(channels):
+    rgb, ir = colorful_pair(channels=channels)
+    img = np.concatenate([rgb, ir], axis=2)
+    seed(3)
+    out = RGBOnlyHSV(hgain=0.5, sgain=0.9, vgain=0.9)({"img": img.copy()})["img"]
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert np.array_equal(out[..., 3:], ir), "IR must be byte-identical"
+    assert (out[..., :3] != rgb).mean() > 0.5, "RGB must be jittered"
+    # Same colour change as stock HSV on the equivalent BGR frame (hue direction, saturation, value).
+    seed(3)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    RandomHSV(hgain=0.5, sgain=0.9, vgain=0.9)({"img": bgr})
+    assert np.array_equal(out[..., :3], bgr[..., ::-1])
+
+
+def test_dataset_hsv_jitters_rgb_only(tmp_path):
+    root = tmp_path / "d"
+    rgbs, irs = [], []
+    for split in ("train", "val"):
+        for k in range(4):
+            rgb, ir = colorful_pair(s=k)
+            touch_image(root / "images" / split / f"{k}.png", rgb[..., ::-1])  # file is BGR, so RGB in memory
+            touch_image(root / "imagesIR" / split / f"{k}.png", ir[..., 0])
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split / f"{k}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+            if split == "train":
+                rgbs.append(rgb), irs.append(ir[..., 0])
+    data = check_det_dataset(str(write_yaml(root, 4)))
+    ds = build_paired_dataset(cfg(imgsz=64, hsv_h=0.5, hsv_s=0.9, hsv_v=0.9), data["train"], 4, data, "train", 32)
+    names = [type(t).__name__ for t in ds.transforms.transforms]
+    assert "RGBOnlyHSV" in names and "RandomHSV" not in names, names
+    seed(1)
+    for i in range(len(ds)):
+        sample = ds[i]
+        k = int(Path(sample["im_file"]).stem)
+        img = sample["img"].numpy().transpose(1, 2, 0)
+        assert np.array_equal(img[..., 3], irs[k]), "IR must come through HSV untouched"
+        assert (img[..., :3] != rgbs[k]).mean() > 0.5, "RGB must be jittered"
+    # With the gains at 0, the sample is exactly the files (nothing else in this pipeline changes pixels).
+    ds0 = build_paired_dataset(cfg(imgsz=64), data["train"], 4, data, "train", 32)
+    for i in range(len(ds0)):
+        sample = ds0[i]
+        k = int(Path(sample["im_file"]).stem)
+        assert np.array_equal(sample["img"].numpy().transpose(1, 2, 0), np.dstack([rgbs[k], irs[k]]))
+
+
+def test_hsv_does_not_corrupt_ram_cache(tmp_path):
+    """HSV works in place; with a RAM cache and no mosaic, it must not write into the cached pair."""
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=4, n_val=1)))
+    args = cfg(imgsz=256, cache="ram", hsv_h=0.5, hsv_s=0.9, hsv_v=0.9)  # 256: no resize, the cached array itself
+    ds = build_paired_dataset(args, data["train"], 4, data, "train", 32)
+    before = [ds.ims[i].copy() for i in range(len(ds))]
+    seed(0)
+    for i in range(len(ds)):
+        ds[i]
+    for i in range(len(ds)):
+        assert np.array_equal(ds.ims[i], before[i]), f"RAM cache of image {i} changed by augmentation"
+
+
+# ------------------------------------------------------------------------------------------------------------ caches
+def test_cache_modes_match_no_cache_and_ignore_stock_npy(tmp_path):
+    data_yaml = make_dataset(tmp_path / "d", n_train=1, n_val=4)
+    data = check_det_dataset(str(data_yaml))
+    val_dir = Path(data["val"])
+    ref = build_paired_dataset(cfg(imgsz=64), data["val"], 2, data, "val", 32)
+    expected = [ref[i]["img"].clone() for i in range(len(ref))]
+    assert len(expected) == 4 and expected[0].shape[0] == 4
+
+    # Stock RGB caches (x.npy) next to every image, with other content: never read, never rewritten.
+    decoys = {}
+    for im in sorted(val_dir.glob("*.jpg")):
+        decoy = im.with_suffix(".npy")
+        np.save(decoy, np.full((192, 256, 3), 7, np.uint8))
+        decoys[decoy] = decoy.read_bytes()
+        os.utime(decoy, (im.stat().st_mtime - 100,) * 2)  # older than the image: stock would refresh it
+        decoys[decoy] = (decoys[decoy], decoy.stat().st_mtime_ns)
+
+    for cache in (False, "ram", "disk", "disk"):  # the second disk run reads the *.pair4.npy files written by the first
+        ds = build_paired_dataset(cfg(imgsz=64, cache=cache), data["val"], 2, data, "val", 32)
+        got = [ds[i]["img"] for i in range(len(ds))]
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert torch.equal(a, b), f"cache={cache!r}: sample {i} differs from the uncached sample"
+        for decoy, (content, mtime) in decoys.items():
+            assert decoy.read_bytes() == content and decoy.stat().st_mtime_ns == mtime, f"cache={cache!r} touched {decoy}"
+
+    pair_caches = sorted(val_dir.glob("*.pair4.npy"))
+    assert [p.name.split(".")[0] for p in pair_caches] == [p.stem for p in sorted(val_dir.glob("*.jpg"))]
+    for p in pair_caches:
+        im = p.with_name(p.name.split(".")[0] + ".jpg")
+        assert np.array_equal(np.load(p), load_pair(im, 4))
+
+
+def test_disk_cache_refreshed_when_ir_changes(tmp_path):
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=1, n_val=2)))
+    build_paired_dataset(cfg(imgsz=256, cache="disk"), data["val"], 2, data, "val", 32)
+    im = sorted(Path(data["val"]).glob("*.jpg"))[0]
+    cache = im.with_suffix(".pair4.npy")
+    assert cache.exists()
+    ir = ir_path(im)
+    cv2.imwrite(str(ir), np.full((192, 256), 201, np.uint8))  # new IR frame
+    os.utime(ir, (cache.stat().st_mtime + 10,) * 2)
+    ds = build_paired_dataset(cfg(imgsz=256, cache="disk"), data["val"], 2, data, "val", 32)
+    i = ds.im_files.index(str(im))
+    img = ds[i]["img"].numpy()
+    h, w = 192, 256  # letterboxed into a rect shape, centred, the frame itself not resized
+    top, left = (img.shape[1] - h) // 2, (img.shape[2] - w) // 2
+    assert (img[3, top : top + h, left : left + w] == 201).all(), "a stale pair cache was used after the IR changed"
+
+
+# ------------------------------------------------------------------------------------------------------ label cache
+def test_label_cache_hash_covers_ir_files(tmp_path):
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=3, n_val=1)))
+    ds = build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    h0 = ds.get_cache_hash()
+    stock = super(PairedDataset, ds).get_cache_hash()
+    assert ds.get_cache_hash() == h0, "hash must be stable"
+    ir = ir_path(ds.im_files[0])
+    original = ir.read_bytes()
+    mtime = ir.stat().st_mtime_ns
+
+    cv2.imwrite(str(ir), np.zeros((100, 100), np.uint8))  # replaced by a frame of another size
+    os.utime(ir, ns=(mtime, mtime))  # same mtime: the size alone must change the hash
+    h1 = ds.get_cache_hash()
+    assert h1 != h0
+
+    ir.unlink()  # removed
+    h2 = ds.get_cache_hash()
+    assert h2 not in (h0, h1)
+
+    ir.with_suffix(".jpg").write_bytes(original)  # back, under another suffix
+    assert ds.get_cache_hash() not in (h0, h1, h2)
+
+    # The stock hash alone would not have noticed any of this.
+    assert super(PairedDataset, ds).get_cache_hash() == stock
+
+
+def test_label_cache_rebuilt_after_ir_change(tmp_path):
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=3, n_val=1)))
+    build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    cache_file = Path(data["path"]) / "labels" / "train.cache"
+    assert cache_file.exists()
+    stored = np.load(cache_file, allow_pickle=True).item()["hash"]
+    ir = ir_path(sorted(Path(data["train"]).glob("*.jpg"))[0])
+    cv2.imwrite(str(ir), np.zeros((50, 50), np.uint8))
+    ds = build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    assert np.load(cache_file, allow_pickle=True).item()["hash"] == ds.get_cache_hash() != stored
+
+
+# --------------------------------------------------------------------------------------------------- check_dataset
+@pytest.fixture
+def demo_copy(tmp_path):
+    return make_dataset(tmp_path / "d", n_train=4, n_val=2)
+
+
+def test_check_dataset_accepts_good_data(demo_copy):
+    check_dataset(demo_copy)
+    check_dataset(str(demo_copy))
+
+
+def test_check_dataset_missing_ir(demo_copy):
+    ir = sorted((demo_copy.parent / "imagesIR" / "val").iterdir())[1]
+    ir.unlink()
+    with pytest.raises(DatasetError) as e:
+        check_dataset(demo_copy)
+    # The expected IR path (same name as the RGB file) is named, with how many are missing and the fix.
+    assert_one_line_error(e, str(demo_copy.parent / "imagesIR" / "val" / (ir.stem + ".jpg")), "1 of 2", "imagesIR")
+
+
+@pytest.mark.parametrize("junk", ["hello world\n", "0 0.5 0.5 0.2\n", "7 0.5 0.5 0.2 0.2\n", "0 0.5 0.5 1.5 0.2\n"])
+def test_check_dataset_junk_label(demo_copy, junk):
+    label = sorted((demo_copy.parent / "labels" / "train").iterdir())[2]
+    label.write_text(label.read_text().rstrip("\n") + "\n" + junk)
+    with pytest.raises(DatasetError) as e:
+        check_dataset(demo_copy)
+    n = len(label.read_text().splitlines())
+    assert_one_line_error(e, f"{label}:{n}", "class x y w h")
+
+
+def test_check_dataset_path_does_not_exist(tmp_path, demo_copy):
+    missing = tmp_path / "nowhere"
+    demo_copy.write_text(demo_copy.read_text().replace(f"path: {demo_copy.parent}", f"path: {missing}"))
+    with pytest.raises(DatasetError) as e:
+        check_dataset(demo_copy)
+    assert_one_line_error(e, str(demo_copy), str(missing / "images" / "train"), "does not exist", "path:")
+
+
+def test_check_dataset_config_not_found(tmp_path):
+    with pytest.raises(DatasetError) as e:
+        check_dataset(tmp_path / "absent.yaml")
+    assert_one_line_error(e, str(tmp_path / "absent.yaml"), "not found")
+
+
+def test_check_dataset_channels_do_not_match_images(demo_copy):
+    demo_copy.write_text(demo_copy.read_text().replace("channels: 4", "channels: 6"))
+    with pytest.raises(DatasetError) as e:
+        check_dataset(demo_copy)
+    msg = assert_one_line_error(e, "channels: 6", "set channels: 4")
+    assert str(demo_copy.parent / "imagesIR" / "train") in msg, msg
+
+
+@pytest.mark.parametrize("channels", [5, 3, "null"])
+def test_check_dataset_unsupported_channels(demo_copy, channels):
+    demo_copy.write_text(demo_copy.read_text().replace("channels: 4", f"channels: {channels}"))
+    with pytest.raises(DatasetError) as e:
+        check_dataset(demo_copy)
+    assert_one_line_error(e, str(demo_copy), "not supported", "4 (", "6 (")
+
+
+def test_check_dataset_three_channel_ir_needs_six(tmp_path):
+    """LLVIP-style data: 3-channel IR frames pass with channels: 6 and are named when the config says 4."""
+    root = tmp_path / "llvip"
+    for split in ("train", "val"):
+        touch_image(root / "images" / split / "1.jpg", np.zeros((32, 32, 3), np.uint8))
+        touch_image(root / "imagesIR" / split / "1.jpg", np.zeros((32, 32, 3), np.uint8) + 90)
+    check_dataset(write_yaml(root, 6, names=("person",)))
+    with pytest.raises(DatasetError) as e:
+        check_dataset(write_yaml(root, 4, names=("person",)))
+    assert_one_line_error(e, str(root / "imagesIR" / "train" / "1.jpg"), "set channels: 6")
+
+
+def test_every_check_dataset_error_is_one_line(demo_copy):
+    """The exception's text carries no traceback-like extras: the whole message is the single line users see."""
+    shutil.rmtree(demo_copy.parent / "imagesIR" / "train")
+    with pytest.raises(DatasetError) as e:
+        check_dataset(demo_copy)
+    assert_one_line_error(e, "IR image missing (4 of 4 in train)")
+    assert isinstance(e.value, ValueError)
