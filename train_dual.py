@@ -91,7 +91,8 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     if names != list(trained.names.values()):
         conflicts.append(f"classes {names} in {data.name} differ from the checkpoint's {list(trained.names.values())}")
     if config.get("channels") != trained.yaml.get("channels"):
-        conflicts.append(f"channels: {config.get('channels')} in {data.name} differ from the checkpoint's {trained.yaml.get('channels')}")
+        trained_channels = trained.yaml.get("channels")
+        conflicts.append(f"channels: {config.get('channels')} in {data.name} differ from the checkpoint's {trained_channels}")
     trained_on = ckpt.get("train_args", {}).get("data")
     if trained_on != str(data):
         notes.append(f"DATA is now {data} (the checkpoint trained on {trained_on}); same classes and channels")
@@ -121,9 +122,8 @@ def main() -> int:
             for note in notes:
                 print(f"  {note}")
             if conflicts:
-                raise CheckpointError(
-                    f"{last}: {conflicts[0]}; restore DATA, or start a new experiment by moving {runs_dir / 'weights'} away"
-                )
+                fix = f"restore DATA, or start a new experiment by moving {runs_dir / 'weights'} away"
+                raise CheckpointError(f"{last}: {conflicts[0]}; {fix}")
         cleanup.prune(runs_dir, KEEP_LATEST, MAP_WHITELIST, TRASH_HOURS, MIN_FREE_GB)
         settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
         if found.state == "unfinished":

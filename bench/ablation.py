@@ -51,7 +51,10 @@ def main():
         variants = {
             "RGB only": (ultralytics.YOLO("yolov8n.yaml"), single_modality_data(work, "images", 3)),
             "IR only": (ultralytics.YOLO("yolov8n.yaml"), single_modality_data(work, "imagesIR", 1)),
-            "early fusion": (yolofuse.YOLO(str(ROOT / "models" / "yolov8n-fuse-early.yaml")), ROOT / "data_config.yaml"),
+            "early fusion": (
+                yolofuse.YOLO(str(ROOT / "models" / "yolov8n-fuse-early.yaml")),
+                ROOT / "data_config.yaml",
+            ),
             "mid fusion": (yolofuse.YOLO(str(ROOT / "yolov8n-fuse.yaml")), ROOT / "data_config.yaml"),
         }
         results = {}

@@ -1,17 +1,24 @@
-"""Time cleanup on a runs folder of 1,000 experiments: one dry-run decision (target < 1 s) and one callback call.
+"""Time cleanup on a runs folder of 1,000 experiments: one dry-run decision (target < 1 s) and one callback call;
+then the callback's cost as a share of one epoch of the README's demo training (target < 1%).
 
     python bench/bench_cleanup.py [--experiments 1000] [--rows 50]
 """
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: cleanup.py is at the repo root
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere: cleanup.py is at the repo root
+import pandas as pd  # noqa: E402
+
 import cleanup  # noqa: E402
+
+DEMO = ["EPOCHS=3", "IMGSZ=256", "BATCH=8", "NBS=8"]  # the README's demo settings, fewer epochs
 
 HEADER = (
     "epoch,time,train/box_loss,train/cls_loss,train/dfl_loss,metrics/precision(B),metrics/recall(B),"
@@ -48,6 +55,23 @@ def time_callback(runs_dir, keep_latest=3, map_whitelist=0.8, min_free_gb=5.0, t
     return time.perf_counter() - t
 
 
+def epoch_share(work: Path) -> None:
+    """Train the demo for a few epochs beside 10 archived experiments, then time a due callback against an epoch."""
+    runs_dir = work / "demo_runs"
+    build_runs(runs_dir, 10, 50)
+    subprocess.run(
+        [sys.executable, str(ROOT / "train_dual.py"), *DEMO, f"RUNS_DIR={runs_dir}", "CLEANUP_EVERY=1000"],
+        check=True,
+        capture_output=True,
+    )
+    epoch = pd.read_csv(runs_dir / "results.csv")["time"].diff().iloc[1:].median()  # seconds, train + val
+    callback = time_callback(runs_dir, keep_latest=20)  # nothing to prune: the steady-state cost
+    print(
+        f"demo epoch: {epoch:.2f} s; one due callback call: {callback * 1e3:.1f} ms = {100 * callback / epoch:.2f}% "
+        f"of an epoch; every 10 epochs (CLEANUP_EVERY): {10 * callback / epoch:.3f}% per epoch"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", type=int, default=1000)
@@ -66,6 +90,7 @@ def main():
         print(f"kept {len(report.kept)}, would trash {len(report.trashed)}")
         print(f"one callback call (real prune of the same folder): {time_callback(runs_dir):.3f} s")
         print(f"one callback call with nothing left to prune: {time_callback(runs_dir):.3f} s")
+        epoch_share(Path(tmp))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-
 from conftest import FAST, make_dataset  # noqa: E402
+
 from yolofuse import checkpoint  # noqa: E402
 
 # Runs train_dual.py in-process, appending "step <t>" at the first training batch and "saved <epoch>" after each
@@ -122,14 +122,18 @@ def main():
         work = Path(tmp)
         data = make_dataset(work / "data")
         fresh, resumed = startup(work, data)
-        print(f"(a) launch to first training step: fresh {fresh:.2f} s, resume {resumed:.2f} s, "
-              f"ratio resume/fresh {resumed / fresh:.2f}")
+        print(
+            f"(a) launch to first training step: fresh {fresh:.2f} s, resume {resumed:.2f} s, "
+            f"ratio resume/fresh {resumed / fresh:.2f}"
+        )
         trained = checkpoint.load(next(work.glob("resume*/weights/last.pt")))
         buffer = io.BytesIO()
         torch.save(trained, buffer)
         stock, durable = write_ratio(work, buffer.getvalue())
-        print(f"(b) checkpoint write ({len(buffer.getvalue()) / 1e6:.1f} MB): stock {stock * 1e3:.1f} ms, "
-              f"durable {durable * 1e3:.1f} ms, ratio durable/stock {durable / stock:.2f}")
+        print(
+            f"(b) checkpoint write ({len(buffer.getvalue()) / 1e6:.1f} MB): stock {stock * 1e3:.1f} ms, "
+            f"durable {durable * 1e3:.1f} ms, ratio durable/stock {durable / stock:.2f}"
+        )
         lost, epochs = kills(work, data, n_kills)
         print(f"(c) {n_kills} random SIGKILLs over {epochs} completed epochs: {lost} completed epochs lost")
         shutil.rmtree(work, ignore_errors=True)

@@ -45,9 +45,12 @@ def train_dual_cmd(*settings: str) -> list[str]:
     return [sys.executable, str(ROOT / "train_dual.py"), *FAST, *settings]
 
 
+def killer_cmd(*settings: str) -> list[str]:
+    """train_dual.py run through tests/killer.py: same arguments and behaviour, plus its KILLER_* fault injection."""
+    return [sys.executable, str(ROOT / "tests" / "killer.py"), *FAST, *settings]
+
+
 def run_train_dual(*settings: str, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run the real script in a subprocess, as a user would; the output is kept for assertions."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        train_dual_cmd(*settings), capture_output=True, text=True, timeout=timeout, env=env, **kwargs
-    )
+    return subprocess.run(train_dual_cmd(*settings), capture_output=True, text=True, timeout=timeout, env=env, **kwargs)

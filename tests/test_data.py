@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-import yolofuse  # noqa: F401  (offline settings and the fusion layer, before ultralytics is used)
 from conftest import make_dataset
 from ultralytics.cfg import get_cfg
 from ultralytics.data.augment import RandomHSV
 from ultralytics.data.utils import check_det_dataset
+
+import yolofuse  # noqa: F401  (offline settings and the fusion layer, before ultralytics is used)
 from yolofuse import data as fdata
 from yolofuse.data import DatasetError, PairedDataset, RGBOnlyHSV, check_dataset, ir_path, load_pair
 from yolofuse.engine import build_paired_dataset

@@ -3,37 +3,18 @@
 import os
 import signal
 import subprocess
-import sys
 
 import pandas as pd
 import torch
-
-from conftest import ROOT, train_dual_cmd
-
-# Runs train_dual.py in-process and SIGKILLs itself right after the checkpoint of epoch $KILL_AFTER_EPOCH is saved.
-KILL_AFTER_SAVE = """
-import os, runpy, signal, sys
-from yolofuse.engine import FuseTrainer
-save = FuseTrainer.save_model
-def save_then_die(self):
-    saved = save(self)
-    if self.epoch + 1 == int(os.environ["KILL_AFTER_EPOCH"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return saved
-FuseTrainer.save_model = save_then_die
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+from conftest import killer_cmd
 
 SETTINGS = ["EPOCHS=4", "CLOSE_MOSAIC=1", "WORKERS=0"]  # mosaic on for epochs 1-3, closed for epoch 4
 
 
-def run(runs_dir, data, kill_after_epoch=None):
-    cmd = train_dual_cmd(f"DATA={data}", f"RUNS_DIR={runs_dir}", *SETTINGS)
-    env = dict(os.environ)
-    if kill_after_epoch:
-        cmd[1:1] = ["-c", KILL_AFTER_SAVE]
-        env["KILL_AFTER_EPOCH"] = str(kill_after_epoch)
+def run(runs_dir, data, kill_after_epoch):
+    """train_dual.py through tests/killer.py, SIGKILLed right after the checkpoint of `kill_after_epoch`."""
+    cmd = killer_cmd(f"DATA={data}", f"RUNS_DIR={runs_dir}", *SETTINGS)
+    env = {**os.environ, "KILLER_AFTER_SAVE": str(kill_after_epoch)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 

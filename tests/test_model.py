@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
-
-import yolofuse
 from conftest import ROOT, make_dataset
 from ultralytics.nn import tasks
 from ultralytics.utils.torch_utils import get_flops
+
+import yolofuse
 from yolofuse.engine import FuseDetectionModel, side_by_side
 from yolofuse.nn import Modality
 

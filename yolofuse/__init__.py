@@ -4,8 +4,10 @@
 also registers the fusion layer with Ultralytics' model parser and keeps Ultralytics offline.
 """
 
-from yolofuse import offline  # noqa: F401  (must run before ultralytics is imported)
-from yolofuse import nn  # noqa: F401  (registers the Modality layer so yamls build and checkpoints load)
+from yolofuse import (
+    nn,  # noqa: F401  (registers the Modality layer so yamls build and checkpoints load)
+    offline,  # noqa: F401  (must run before ultralytics is imported)
+)
 from yolofuse.data import DatasetError
 from yolofuse.engine import YOLO, FusePredictor, FuseTrainer, FuseValidator
 

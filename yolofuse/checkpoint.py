@@ -101,7 +101,9 @@ def probe(last: Path, epochs: int) -> Probe:
         done = ckpt.get("epoch", -1) + 1
         if is_unfinished(ckpt, epochs):
             target = ckpt["train_args"]["epochs"]
-            return Probe("unfinished", f"{note}Unfinished run at {path}: {done}/{target} epochs done, resuming.", path, ckpt)
+            return Probe(
+                "unfinished", f"{note}Unfinished run at {path}: {done}/{target} epochs done, resuming.", path, ckpt
+            )
         return Probe("finished", f"{note}Finished run at {path}: archiving it, then starting a fresh run.", path, ckpt)
     return Probe("corrupt", f"{'; '.join(problems)}; no usable checkpoint: archiving the run, starting fresh.")
 

@@ -31,7 +31,11 @@ def ir_path(rgb_path) -> Path:
         raise DatasetError(f"{rgb_path}: not inside an '{RGB_DIR}/' folder, so its IR partner cannot be found")
     i = len(parts) - 1 - parts[::-1].index(RGB_DIR)  # only the modality folder, never a parent that says "images"
     ir_dir = Path(*parts[:i], IR_DIR, *parts[i + 1 : -1])
-    for suffix in (rgb_path.suffix, *(f".{s}" for s in sorted(IMG_FORMATS)), *(f".{s.upper()}" for s in sorted(IMG_FORMATS))):
+    for suffix in (
+        rgb_path.suffix,
+        *(f".{s}" for s in sorted(IMG_FORMATS)),
+        *(f".{s.upper()}" for s in sorted(IMG_FORMATS)),
+    ):
         candidate = ir_dir / (rgb_path.stem + suffix)
         if candidate.is_file():
             return candidate
@@ -52,7 +56,9 @@ def load_pair(rgb_path, channels: int) -> np.ndarray:
         raise DatasetError(f"{ir_file}: IR image is {ir.dtype}; convert it to 8-bit")
     ir = ir[..., None] if ir.ndim == 2 else ir[..., 2::-1]  # 3-channel IR in RGB order too
     if ir.shape[2] not in (1, 3):
-        raise DatasetError(f"{ir_file}: IR image has {ir.shape[2]} channels; save it as 1-channel grayscale or 3-channel")
+        raise DatasetError(
+            f"{ir_file}: IR image has {ir.shape[2]} channels; save it as 1-channel grayscale or 3-channel"
+        )
     if 3 + ir.shape[2] != channels:
         raise DatasetError(
             f"{ir_file}: IR image has {ir.shape[2]} channel(s) but the data config says channels: {channels}; "
@@ -153,7 +159,7 @@ def _check_label_file(label_file: Path, nc: int) -> None:
 
 
 def check_dataset(data_file) -> None:
-    """Fail fast, in one line naming the file and the fix, on the mistakes that would otherwise surface deep in torch."""
+    """Fail fast, in one line naming the file and the fix, on mistakes that would otherwise surface deep in torch."""
     data_file = Path(data_file)
     if not data_file.is_file():
         raise DatasetError(f"{data_file}: data config not found; set DATA to your dataset yaml")

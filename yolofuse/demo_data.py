@@ -149,8 +149,15 @@ def _person(rng, rgb, ir, boxes):
     body_top = y0 + 2 * head_r
     body_h = (y1 - body_top) / 2.0
     cv2.ellipse(
-        mask, (int(round(cx)), int(round(body_top + body_h))), (max(3, pw // 2), max(5, int(body_h))),
-        0, 0, 360, 1.0, -1, cv2.LINE_AA,
+        mask,
+        (int(round(cx)), int(round(body_top + body_h))),
+        (max(3, pw // 2), max(5, int(body_h))),
+        0,
+        0,
+        360,
+        1.0,
+        -1,
+        cv2.LINE_AA,
     )
     soft = _soft(mask, 5)
     # RGB: a few gray levels, i.e. below the sensor noise (sigma RGB_NOISE_SIGMA)
@@ -281,8 +288,9 @@ def _warm_blob(rng, rgb, ir, boxes):
     elif kind == 1:
         cv2.ellipse(m, ((x0 + x1) // 2, (y0 + y1) // 2), (bw // 2, bh // 2), 0, 0, 360, 1.0, -1, cv2.LINE_AA)
     else:
-        cv2.ellipse(m, (x0 + bw * 2 // 5, (y0 + y1) // 2 + 1), (bw * 2 // 5, bh // 2 - 1), 0, 0, 360, 1.0, -1,
-                    cv2.LINE_AA)
+        cv2.ellipse(
+            m, (x0 + bw * 2 // 5, (y0 + y1) // 2 + 1), (bw * 2 // 5, bh // 2 - 1), 0, 0, 360, 1.0, -1, cv2.LINE_AA
+        )
         cv2.circle(m, (x1 - 3, y0 + 3), 3, 1.0, -1, cv2.LINE_AA)
     _blend(ir, _soft(m, 5), float(rng.uniform(175, 245)))
     return box

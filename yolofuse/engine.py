@@ -3,7 +3,6 @@
 import shutil
 from contextlib import contextmanager
 from copy import copy
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,7 +147,11 @@ class FuseValidator(DetectionValidator):
         width = batch["img"].shape[3]
         shift = torch.tensor([width, 0, width, 0], device=batch["img"].device)
         both = [
-            {**p, **{k: torch.cat([p[k], p[k]]) for k in ("conf", "cls")}, "bboxes": torch.cat([p["bboxes"], p["bboxes"] + shift])}
+            {
+                **p,
+                **{k: torch.cat([p[k], p[k]]) for k in ("conf", "cls")},
+                "bboxes": torch.cat([p["bboxes"], p["bboxes"] + shift]),
+            }
             for p in preds
         ]
         super().plot_predictions(side_by_side(batch), both, ni, 2 * (max_det or self.args.max_det))
@@ -160,7 +163,9 @@ class FusePredictor(DetectionPredictor):
     def preprocess(self, im):
         if not isinstance(im, torch.Tensor):
             # The stock loader read only the RGB files; read the pairs (already RGB-first, so no BGR flip).
-            pairs = np.stack(self.pre_transform([load_pair(path, self.model.model.yaml["channels"]) for path in self.batch[0]]))
+            pairs = np.stack(
+                self.pre_transform([load_pair(path, self.model.model.yaml["channels"]) for path in self.batch[0]])
+            )
             im = torch.from_numpy(pairs).to(self.device).permute(0, 3, 1, 2).contiguous()
             return (im.half() if self.model.fp16 else im.float()) / 255
         return super().preprocess(im)

@@ -1,0 +1,496 @@
+"""train_dual.py end to end: the real script in a subprocess, on the CPU, with tiny images and a tiny dataset.
+
+Runs are killed (SIGKILL from outside, or from inside at a chosen instant of a checkpoint write, see killer.py),
+interrupted (SIGTERM / SIGINT), extended, locked, copied and fed bad input; every re-run must pick up where
+the previous one stopped. A 2-epoch run takes ~10 s here, so runs are short and shared setups are copied.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import killer_cmd, make_dataset, run_train_dual, train_dual_cmd
+
+import yolofuse  # noqa: F401  (registers the fusion layer, so checkpoints load in this process)
+from yolofuse import checkpoint
+from yolofuse.lock import LOCK_NAME, is_locked
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+EXP_NAME = re.compile(r"exp\d+")
+CORRUPT_LAST = re.compile(r"last\.pt\b.*\bcorrupt\b")  # the probe's word (the label scan's "0 corrupt" is not it)
+START_TIMEOUT = 180  # s; a launch reaches its first epochs in ~10 s on a 2-core CPU, allow a busy machine
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def run_killer(*settings: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(killer_cmd(*settings), capture_output=True, text=True, timeout=timeout, env={**ENV, **env})
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as in a terminal, even when pytest itself runs in the background
+
+
+_launched: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_runs():
+    """A test that fails half-way leaves no background run behind (a paused one would wake up and go on training)."""
+    yield
+    while _launched:
+        proc = _launched.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class Launch:
+    """A launch in the background; its output goes to files (no pipe to fill up), read at any time."""
+
+    def __init__(self, cmd: list[str], logs: Path, name: str, **env: str):
+        self.out, self.err = logs / f"{name}.stdout", logs / f"{name}.stderr"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**ENV, **env}, preexec_fn=_default_sigint)
+        _launched.append(self.proc)
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def tail(self) -> str:
+        return f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}"
+
+    def wait_until(self, condition, what: str, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended (rc {self.proc.returncode}) before {what}\n{self.tail()}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"timed out waiting for {what}\n{self.tail()}")
+            time.sleep(0.02)
+
+    def signal(self, sig: int, timeout: float = 120) -> int:
+        assert self.proc.poll() is None, f"the run already ended (rc {self.proc.returncode})\n{self.tail()}"
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        rc = self.signal(signal.SIGKILL)
+        assert rc == -signal.SIGKILL, self.tail()
+
+
+def tail(res: subprocess.CompletedProcess) -> str:
+    return f"rc {res.returncode}\n--- stdout ---\n{res.stdout[-3000:]}\n--- stderr ---\n{res.stderr[-3000:]}"
+
+
+def assert_ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0, tail(res)
+    assert "Traceback" not in res.stderr, tail(res)
+
+
+def csv_epochs(run: Path, partial: bool = False) -> list[int]:
+    """The epoch column of run/results.csv; `partial` skips a row still being written (for polling)."""
+    csv = run / "results.csv"
+    if not csv.exists():
+        return []
+    epochs = []
+    for row in csv.read_text().splitlines()[1:]:
+        try:
+            epochs.append(int(float(row.split(",", 1)[0])))
+        except ValueError:
+            if not partial:
+                raise
+    return epochs
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path, top_level_runs_only: bool = False) -> dict[str, str]:
+    """relative path -> sha256 of every file under `folder`; optionally only a run's own files (no .hidden, no expN)."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if top_level_runs_only and (rel.parts[0].startswith(".") or EXP_NAME.fullmatch(rel.parts[0])):
+            continue
+        if path.is_file():
+            files[str(rel)] = sha(path)
+    return files
+
+
+def state_files(run: Path) -> dict[str, str]:
+    """snapshot() without the plots (Ultralytics draws some in background threads)."""
+    return {rel: digest for rel, digest in snapshot(run).items() if not rel.endswith((".jpg", ".png"))}
+
+
+def settings_of(runs: Path, data: Path, epochs: int) -> tuple[str, ...]:
+    return f"RUNS_DIR={runs}", f"DATA={data}", f"EPOCHS={epochs}"
+
+
+def assert_same_optimizer_state(saved: dict, resumed: dict, exact: bool) -> None:
+    """The resumed optimizer holds the saved state. Stock checkpoints keep some moments in FP16: with `exact` False
+    the resumed tensors are compared after conversion to the saved dtype (atol 0), with `exact` True as they are."""
+    assert saved["state"], "the checkpoint holds no optimizer state, nothing to compare"
+    assert sorted(resumed["state"]) == sorted(saved["state"])
+    nonzero = 0
+    for i, saved_state in saved["state"].items():
+        resumed_state = resumed["state"][i]
+        assert resumed_state.keys() == saved_state.keys(), i
+        for key, value in saved_state.items():
+            got = resumed_state[key]
+            if isinstance(value, torch.Tensor):
+                assert got.shape == value.shape, (i, key)
+                got = got if exact else got.to(value.dtype)
+                assert got.dtype == value.dtype and torch.equal(got, value), f"optimizer state[{i}][{key!r}] differs"
+                nonzero += bool(value.float().abs().sum() > 0)
+            else:
+                assert got == value, (i, key)
+    assert nonzero, "every saved optimizer tensor is zero: the comparison would prove nothing"
+    assert len(resumed["param_groups"]) == len(saved["param_groups"])
+    for saved_group, resumed_group in zip(saved["param_groups"], resumed["param_groups"]):
+        for key in saved_group.keys() - {"params", "fused"}:  # fused: picked by the device at load time
+            assert resumed_group[key] == saved_group[key], f"param group {key!r} differs"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A run killed by SIGKILL in the middle of its last epoch, shared (as a copy) by several tests
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A 3-epoch run SIGKILLed mid-epoch 3: last.pt holds epoch index 1, last.prev.pt index 0, results.csv 1..2.
+
+    Returns (runs_dir, data_yaml, snapshot of runs_dir right after the kill). Tests work on copies of runs_dir.
+    """
+    base = tmp_path_factory.mktemp("killed_run")
+    data = make_dataset(base / "data")
+    runs, ready = base / "runs", base / "ready"
+    launch = Launch(
+        killer_cmd(*settings_of(runs, data, 3)), base, "killed", KILLER_PAUSE_EPOCH="2", KILLER_READY=str(ready)
+    )
+    launch.wait_until(ready.exists, "the pause in the 3rd epoch")
+    launch.kill()
+    last = runs / "weights" / "last.pt"
+    assert load_ckpt(last)["epoch"] == 1, launch.tail()
+    assert load_ckpt(checkpoint.previous_of(last))["epoch"] == 0, launch.tail()
+    assert csv_epochs(runs) == [1, 2], launch.tail()
+    return runs, data, snapshot(runs)
+
+
+def copy_of(killed_run, dst: Path) -> tuple[Path, Path]:
+    runs, data, _ = killed_run
+    shutil.copytree(runs, dst, symlinks=True)
+    return dst, data
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. SIGKILL mid-epoch, re-run: next epoch, same optimizer state; 6b. the dead process's lock file never blocks
+
+
+def test_sigkill_mid_epoch_then_rerun_continues_with_saved_optimizer_state(tmp_path, tiny_data):
+    runs = tmp_path / "runs"
+    settings = settings_of(runs, tiny_data, 4)
+    launch = Launch(train_dual_cmd(*settings), tmp_path, "first")
+    launch.wait_until(lambda: len(csv_epochs(runs, partial=True)) >= 2, "2 epochs in results.csv")
+    launch.kill()
+
+    lock = runs / LOCK_NAME
+    assert lock.is_file(), "the killed run left no lock file: the stale-lock case below would prove nothing"
+    assert lock.read_text().strip() == str(launch.proc.pid)
+    assert not is_locked(runs), "the lock of a SIGKILLed process is still held"
+
+    saved = load_ckpt(runs / "weights" / "last.pt")
+    assert saved["optimizer"] is not None and 0 <= saved["epoch"] < 3, saved["epoch"]
+
+    record = tmp_path / "resumed.pt"
+    res = run_killer(*settings, KILLER_RECORD=str(record))
+    assert_ok(res)
+    assert "Unfinished run" in res.stdout, tail(res)
+    assert "in use by another training" not in res.stdout + res.stderr, tail(res)
+    resumed = torch.load(record, weights_only=False)
+    assert resumed["start_epoch"] == saved["epoch"] + 1
+    assert_same_optimizer_state(saved["optimizer"], resumed["optimizer"], exact=False)  # the stock FP16 copy
+    fp32 = (saved.get("resume_state") or {}).get("optimizer")  # the launcher's exact-resume copy, when it keeps one
+    if fp32 is not None:
+        assert_same_optimizer_state(fp32, resumed["optimizer"], exact=True)
+    assert csv_epochs(runs) == [1, 2, 3, 4]
+    assert load_ckpt(runs / "weights" / "last.pt")["train_args"]["epochs"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. A kill in the middle of writing last.pt leaves a resumable run
+
+
+def test_kill_inside_checkpoint_write_leaves_resumable_run(tmp_path, tiny_data):
+    """Two kills inside the commit of last.pt for epoch 2, each followed by a re-run that resumes from epoch 1's:
+    first the staged file torn half-way, nothing renamed yet (a fresh run, on its 2nd commit of last.pt); then, in
+    the resumed run, last.prev.pt already hard-linked to the old last.pt but the os.replace of the new one never done.
+    """
+    runs = tmp_path / "runs"
+    settings = settings_of(runs, tiny_data, 3)
+    last = runs / "weights" / "last.pt"
+
+    torn = run_killer(*settings, KILLER_COMMIT="truncated:2")
+    assert torn.returncode == -signal.SIGKILL, tail(torn)
+    assert load_ckpt(last)["epoch"] == 0  # the whole old checkpoint, untouched by the torn write
+    with pytest.raises(Exception):
+        load_ckpt(checkpoint.staged(last))  # the staged epoch-2 file really is torn
+    assert csv_epochs(runs, partial=True) == [1, 2]  # epoch 2's row is written before its checkpoint
+
+    linked = run_killer(*settings, KILLER_COMMIT="linked:1")
+    assert linked.returncode == -signal.SIGKILL, tail(linked)
+    assert "Unfinished run" in linked.stdout and "1/3 epochs done" in linked.stdout, tail(linked)
+    assert os.path.samefile(last, checkpoint.previous_of(last))  # killed right after the link...
+    assert load_ckpt(last)["epoch"] == 0
+    assert load_ckpt(checkpoint.staged(last))["epoch"] == 1  # ...with the new checkpoint whole but not renamed
+
+    res = run_train_dual(*settings)
+    assert_ok(res)
+    assert "Unfinished run" in res.stdout and "1/3 epochs done" in res.stdout, tail(res)
+    assert not CORRUPT_LAST.search(res.stdout), tail(res)
+    assert csv_epochs(runs) == [1, 2, 3]
+    assert load_ckpt(last)["train_args"]["epochs"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. A truncated last.pt falls back to last.prev.pt
+
+
+def test_truncated_last_falls_back_to_previous(tmp_path, killed_run):
+    runs, data = copy_of(killed_run, tmp_path / "runs")
+    last = runs / "weights" / "last.pt"
+    torn = last.read_bytes()[: last.stat().st_size // 2]
+    last.write_bytes(torn)
+
+    record = tmp_path / "resumed.pt"
+    res = run_killer(*settings_of(runs, data, 3), KILLER_RECORD=str(record))
+    assert_ok(res)
+    assert CORRUPT_LAST.search(res.stdout) and "not found" not in res.stdout.lower(), tail(res)
+    assert "last.prev.pt" in res.stdout and "1/3 epochs done" in res.stdout, tail(res)
+    assert torch.load(record, weights_only=False)["start_epoch"] == 1  # last.prev.pt's epoch index 0, plus one
+    assert csv_epochs(runs) == [1, 2, 3]  # the row of the lost epoch 2 dropped, then redone once
+    kept = last.with_name(last.name + ".corrupt")
+    assert kept.read_bytes() == torn, "the unreadable last.pt was not kept aside"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. A finished run is archived to exp1, a fresh run starts; a crash mid-archive is completed on the next launch
+
+
+def test_finished_run_is_archived_and_an_interrupted_archive_is_completed(tmp_path, tiny_data):
+    runs = tmp_path / "runs"
+    assert_ok(run_train_dual(*settings_of(runs, tiny_data, 2)))
+    finished = snapshot(runs, top_level_runs_only=True)
+    assert "weights/last.pt" in finished and "results.csv" in finished
+
+    res = run_train_dual(*settings_of(runs, tiny_data, 2))
+    assert_ok(res)
+    assert "Finished run" in res.stdout and "exp1" in res.stdout, tail(res)
+    exp1 = runs / "exp1"
+    assert (exp1 / "weights" / "best.pt").is_file() and (exp1 / "results.csv").is_file()
+    assert snapshot(exp1) == finished, "the archive is not the finished run, file for file"
+    assert csv_epochs(exp1) == [1, 2]
+    assert csv_epochs(runs) == [1, 2]  # the new run's own results, from epoch 1
+    assert sha(runs / "weights" / "last.pt") != finished["weights/last.pt"]
+
+    # Now a launch dies while archiving this second run into exp2: the marker is written, half the files moved.
+    second = snapshot(runs, top_level_runs_only=True)
+    items = sorted(p for p in runs.iterdir() if not p.name.startswith(".") and not EXP_NAME.fullmatch(p.name))
+    exp2 = runs / "exp2"
+    (runs / checkpoint.ARCHIVE_MARKER).write_text("exp2")
+    exp2.mkdir()
+    moved = items[: len(items) // 2]
+    assert moved and runs / "weights" not in moved  # weights/ still at the top: it would be archived again
+    for item in moved:
+        os.replace(item, exp2 / item.name)
+
+    res = run_train_dual(*settings_of(runs, tiny_data, 1))
+    assert_ok(res)
+    assert "Finished archiving" in res.stdout and "exp2" in res.stdout, tail(res)
+    assert snapshot(exp2) == second, "files of the half-archived run are missing from exp2"
+    assert snapshot(exp1) == finished
+    assert not (runs / checkpoint.ARCHIVE_MARKER).exists()
+    assert not (runs / "exp3").exists(), "the rest of the half-archived run went to a new expN"
+    assert csv_epochs(runs) == [1]  # then a fresh run
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Raising EPOCHS extends an unfinished run
+
+
+def test_raising_epochs_extends_the_run(tmp_path, killed_run):
+    runs, data = copy_of(killed_run, tmp_path / "runs")
+    res = run_train_dual(*settings_of(runs, data, 5))
+    assert_ok(res)
+    assert "Unfinished run" in res.stdout, tail(res)
+    assert re.search(r"extend", res.stdout + res.stderr, re.IGNORECASE), tail(res)
+    assert csv_epochs(runs) == [1, 2, 3, 4, 5]
+    assert load_ckpt(runs / "weights" / "last.pt")["train_args"]["epochs"] == 5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. A second launch on a run folder in use is refused at once
+
+
+def test_second_launch_is_refused_while_first_runs(tmp_path, tiny_data):
+    runs, ready, go = tmp_path / "runs", tmp_path / "ready", tmp_path / "go"
+    settings = settings_of(runs, tiny_data, 2)
+    pause = dict(KILLER_PAUSE_EPOCH="0", KILLER_READY=str(ready), KILLER_GO=str(go))
+    first = Launch(killer_cmd(*settings), tmp_path, "first", **pause)
+    first.wait_until(ready.exists, "the first run's first epoch")
+    assert is_locked(runs)
+    before = state_files(runs)
+
+    t0 = time.monotonic()
+    second = run_train_dual(*settings, timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert second.returncode != 0, tail(second)
+    assert "Traceback" not in second.stderr, tail(second)
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), tail(second)
+    assert re.search(rf"\b{first.proc.pid}\b", lines[0]), f"the message does not name PID {first.proc.pid}: {lines[0]}"
+    assert "Unfinished" not in second.stdout and "archiv" not in second.stdout.lower(), tail(second)
+
+    assert first.proc.poll() is None and is_locked(runs)
+    assert state_files(runs) == before, "the refused launch changed the run folder"
+    go.touch()
+    assert first.proc.wait(timeout=300) == 0, first.tail()
+    assert "Traceback" not in first.stderr
+    assert csv_epochs(runs) == [1, 2]
+    assert not is_locked(runs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. A copied run folder resumes where it is, leaving the original alone
+
+
+def test_copied_run_folder_resumes_in_the_copy(tmp_path, killed_run):
+    original, data, original_files = killed_run
+    copy = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(original, copy, symlinks=True)
+
+    res = run_train_dual(*settings_of(copy, data, 3))
+    assert_ok(res)
+    assert "Unfinished run" in res.stdout and str(copy) in res.stdout, tail(res)
+    assert csv_epochs(copy) == [1, 2, 3]
+    assert yaml.safe_load((copy / "args.yaml").read_text())["save_dir"] == str(copy)
+    assert snapshot(original) == original_files, "the resumed copy wrote into the original run folder"
+    assert csv_epochs(original) == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. SIGTERM and SIGINT stop cleanly with exit code 130 and a resumable last.pt
+
+
+def test_sigterm_and_sigint_end_cleanly_and_resumably(tmp_path, tiny_data):
+    runs = tmp_path / "runs"
+    settings = settings_of(runs, tiny_data, 4)
+    last = runs / "weights" / "last.pt"
+
+    term = Launch(train_dual_cmd(*settings), tmp_path, "term")
+    term.wait_until(lambda: last.exists() and csv_epochs(runs, partial=True), "the first saved epoch")
+    assert term.signal(signal.SIGTERM) == 130, term.tail()
+    assert "Traceback" not in term.stderr, term.tail()
+    assert re.search(r"python train_dual\.py.* again", term.stderr), term.tail()
+    assert load_ckpt(last)["optimizer"] is not None
+    assert checkpoint.probe(last, 4).state == "unfinished"
+
+    interrupt = Launch(train_dual_cmd(*settings), tmp_path, "int")
+    interrupt.wait_until(lambda: "Resuming training" in interrupt.stdout, "the resumed training to start")
+    assert interrupt.signal(signal.SIGINT) == 130, interrupt.tail()
+    assert "Unfinished run" in interrupt.stdout, interrupt.tail()
+    assert "Traceback" not in interrupt.stderr, interrupt.tail()
+    assert re.search(r"python train_dual\.py.* again", interrupt.stderr), interrupt.tail()
+    assert checkpoint.probe(last, 4).state == "unfinished"
+    assert not is_locked(runs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 9. Bad input: one-line errors through the script; a corrupt last.pt with no previous is archived, not an error
+
+
+def _missing_ir(data: Path):
+    ir = sorted((data.parent / "imagesIR" / "train").iterdir())[0]
+    ir.unlink()
+    return (), [str(ir.parent / ir.stem)]  # the expected path, named with the RGB image's suffix
+
+
+def _junk_label(data: Path):
+    label = sorted((data.parent / "labels" / "train").iterdir())[0]
+    label.write_text("abc def\n")
+    return (), [str(label)]
+
+
+def _missing_config(data: Path):
+    missing = data.parent / "nope.yaml"
+    return (f"DATA={missing}",), [str(missing)]
+
+
+def _missing_dataset_folder(data: Path):
+    nowhere = data.parent / "nowhere"
+    data.write_text(data.read_text().replace(f"path: {data.parent}", f"path: {nowhere}"))
+    return (), [str(data), str(nowhere)]
+
+
+def _channels_mismatch(data: Path):
+    data.write_text(data.read_text().replace("channels: 4", "channels: 6"))
+    return (), [str(data.parent / "imagesIR"), "channels"]
+
+
+def _unknown_setting(data: Path):
+    return ("EPOCH=3",), ["EPOCH=3", "EPOCHS", "RUNS_DIR", "DATA"]
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [_missing_ir, _junk_label, _missing_config, _missing_dataset_folder, _channels_mismatch, _unknown_setting],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_bad_input_is_a_one_line_error(tmp_path, tiny_data, breaks):
+    runs = tmp_path / "runs"
+    extra, expected = breaks(tiny_data)
+    res = run_train_dual(*settings_of(runs, tiny_data, 1), *extra)
+    assert res.returncode != 0, tail(res)
+    assert "Traceback" not in res.stderr, tail(res)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), tail(res)
+    for text in expected:
+        assert text in lines[-1], f"{text!r} not in {lines[-1]!r}"
+    assert not (runs / "weights" / "last.pt").exists(), "it trained anyway"
+
+
+def test_corrupt_last_without_previous_is_archived_untouched(tmp_path, tiny_data):
+    runs = tmp_path / "runs"
+    broken = runs / "weights" / "last.pt"
+    broken.parent.mkdir(parents=True)
+    garbage = b"\x00garbage, not a checkpoint\xff" * 1000
+    broken.write_bytes(garbage)
+
+    res = run_train_dual(*settings_of(runs, tiny_data, 1))
+    assert_ok(res)
+    assert CORRUPT_LAST.search(res.stdout) and "exp1" in res.stdout, tail(res)
+    assert (runs / "exp1" / "weights" / "last.pt").read_bytes() == garbage
+    assert load_ckpt(broken)["train_args"]["epochs"] == 1  # a fresh run's real checkpoint
+    assert csv_epochs(runs) == [1]
