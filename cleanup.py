@@ -30,13 +30,6 @@ STAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # UTC in the trash entry's name: its age surviv
 MAP_COLUMN = "metrics/mAP50(B)"
 GB = 1e9
 
-# Used only when train_dual.py's constants can't be imported (see _cli_defaults).
-KEEP_LATEST = 3
-MAP_WHITELIST = 0.8
-TRASH_HOURS = 24.0
-MIN_FREE_GB = 5.0
-
-
 @dataclass(frozen=True)
 class Candidate:
     """An `exp<N>` folder and every fact `decide` needs about it."""
@@ -281,10 +274,10 @@ def _trash_note(c: Candidate, map_whitelist: float) -> str:
 
 def prune(
     runs_dir,
-    keep_latest: int = KEEP_LATEST,
-    map_whitelist: float = MAP_WHITELIST,
-    trash_hours: float = TRASH_HOURS,
-    min_free_gb: float = MIN_FREE_GB,
+    keep_latest: int,
+    map_whitelist: float,
+    trash_hours: float,
+    min_free_gb: float,
     dry_run: bool = False,
     purge_all: bool = False,
     now: float | None = None,
@@ -344,11 +337,11 @@ class PruneCallback:
     """Ultralytics `on_fit_epoch_end` callback; a plain class so cloudpickle can ship it to DDP workers."""
 
     runs_dir: str
-    keep_latest: int = KEEP_LATEST
-    map_whitelist: float = MAP_WHITELIST
-    every: int = 10
-    min_free_gb: float = MIN_FREE_GB
-    trash_hours: float = TRASH_HOURS
+    keep_latest: int
+    map_whitelist: float
+    every: int
+    min_free_gb: float
+    trash_hours: float
     training_over: bool = False  # set on the loop's last epoch; final_eval then fires this callback once more
 
     def __call__(self, trainer):
@@ -374,18 +367,12 @@ def make_callback(runs_dir, keep_latest, map_whitelist, every, min_free_gb, tras
 
 
 def _cli_defaults() -> dict:
-    """train_dual.py's constants, so the command line prunes like training does; ours if it can't be imported."""
-    try:
-        import train_dual
-    except Exception as e:  # it may be missing or mid-edit; the CLI still works given RUNS_DIR
-        print(f"note: train_dual.py not importable ({e!r}); using cleanup.py's defaults")
-        return dict(
-            runs_dir=None, keep=KEEP_LATEST, map=MAP_WHITELIST, trash_hours=TRASH_HOURS, min_free_gb=MIN_FREE_GB
-        )
+    """train_dual.py's constants, so the command line prunes like training does."""
+    import train_dual
+
     # a relative RUNS_DIR there means relative to train_dual.py's folder, not to the cwd
-    runs_dir = Path(train_dual.__file__).resolve().parent / train_dual.RUNS_DIR
     return dict(
-        runs_dir=runs_dir,
+        runs_dir=train_dual.resolve(train_dual.RUNS_DIR),
         keep=train_dual.KEEP_LATEST,
         map=train_dual.MAP_WHITELIST,
         trash_hours=train_dual.TRASH_HOURS,
@@ -408,8 +395,6 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print what would happen, change nothing")
     parser.add_argument("--purge-trash", action="store_true", help="also purge the whole trash now, whatever its age")
     args = parser.parse_args(argv)
-    if args.runs_dir is None:
-        parser.error("RUNS_DIR is required when train_dual.py can't be imported")
     if args.keep < 0:
         parser.error("--keep must be >= 0")
 

@@ -4,7 +4,8 @@
 
 (a) seconds from launch to the first training step, fresh vs resumed; (b) checkpoint write time, durable
 (tmp + fsync + rename + dir fsync) vs stock (Path.write_bytes in place), as a ratio; (c) completed epochs lost
-over KILLS (default 20) SIGKILLs at random instants, each followed by a re-run.
+over KILLS (default 20) SIGKILLs at random instants, each followed by a re-run; (d) what exact resume costs:
+`save_model` time and `last.pt` size, this trainer vs stock Ultralytics' on the same trained state.
 """
 
 import io
@@ -23,36 +24,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-from conftest import FAST, make_dataset  # noqa: E402
+from conftest import killer_cmd, make_dataset  # noqa: E402
 
 from yolofuse import checkpoint  # noqa: E402
 
-# Runs train_dual.py in-process, appending "step <t>" at the first training batch and "saved <epoch>" after each
-# durable save to the file in $BENCH_LOG, so the parent can time start-up and know what was saved before a kill.
-RUNNER = """
-import os, runpy, sys, time
-from yolofuse.engine import FuseTrainer
-log = open(os.environ["BENCH_LOG"], "a", buffering=1)
-preprocess, save = FuseTrainer.preprocess_batch, FuseTrainer.save_model
-def first_step(self, batch):
-    if not getattr(self, "_stepped", False):
-        self._stepped = True
-        log.write(f"step {time.time()}\\n")
-    return preprocess(self, batch)
-def logged_save(self):
-    saved = save(self)
-    log.write(f"saved {self.epoch}\\n")
-    return saved
-FuseTrainer.preprocess_batch, FuseTrainer.save_model = first_step, logged_save
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
 
 def launch(log: Path, *settings: str) -> subprocess.Popen:
-    env = {**os.environ, "BENCH_LOG": str(log)}
-    cmd = [sys.executable, "-c", RUNNER, str(ROOT / "train_dual.py"), *FAST, *settings]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """train_dual.py through tests/killer.py, which logs the first training step and each save to `log`."""
+    env = {**os.environ, "KILLER_LOG": str(log)}
+    return subprocess.Popen(killer_cmd(*settings), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def read_log(log: Path, kind: str) -> list[float]:
@@ -116,6 +96,39 @@ def kills(work: Path, data: Path, n: int) -> tuple[int, int]:
     return lost_total, saved_before[-1]
 
 
+def exact_resume_cost(work: Path, data: Path) -> None:
+    """One trainer, trained for an epoch in this process, saved by our save_model and by the stock one."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from yolofuse.engine import FuseTrainer
+
+    settings = dict(model=str(ROOT / "yolov8n-fuse.yaml"), data=str(data), epochs=1, imgsz=64, batch=4, nbs=4)
+    trainer = FuseTrainer(
+        overrides={**settings, "workers": 0, "device": "cpu", "plots": False, "save_dir": str(work / "inproc")}
+    )
+    trainer.train()
+    stock_dir = work / "stock"
+    stock_dir.mkdir()
+    ours_times, stock_times = [], []
+    for _ in range(5):
+        t = time.perf_counter()
+        trainer.save_model()
+        ours_times.append(time.perf_counter() - t)
+        last, best = trainer.last, trainer.best
+        trainer.last, trainer.best = stock_dir / "last.pt", stock_dir / "best.pt"
+        t = time.perf_counter()
+        DetectionTrainer.save_model(trainer)
+        stock_times.append(time.perf_counter() - t)
+        trainer.last, trainer.best = last, best
+    ours, stock = statistics.median(ours_times), statistics.median(stock_times)
+    size, stock_size = trainer.last.stat().st_size, (stock_dir / "last.pt").stat().st_size
+    print(
+        f"(d) exact resume: save_model {ours * 1e3:.0f} ms vs stock {stock * 1e3:.0f} ms (ratio {ours / stock:.2f}); "
+        f"last.pt {size / 1e6:.1f} MB vs stock {stock_size / 1e6:.1f} MB (ratio {size / stock_size:.2f}); "
+        f"best.pt {trainer.best.stat().st_size / 1e6:.1f} MB vs stock {(stock_dir / 'best.pt').stat().st_size / 1e6:.1f} MB"
+    )
+
+
 def main():
     n_kills = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +149,7 @@ def main():
         )
         lost, epochs = kills(work, data, n_kills)
         print(f"(c) {n_kills} random SIGKILLs over {epochs} completed epochs: {lost} completed epochs lost")
+        exact_resume_cost(work, data)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -17,6 +17,12 @@ from yolofuse.lock import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 HOUR = 3600.0
+DEFAULTS = dict(keep_latest=3, map_whitelist=0.8, trash_hours=24.0, min_free_gb=5.0)  # train_dual.py's defaults
+
+
+def prune(runs_dir, **settings):
+    """cleanup.prune with train_dual.py's default settings, overridden by `settings`."""
+    return cleanup.prune(runs_dir, **{**DEFAULTS, **settings})
 T0 = 1_750_000_000.0  # a fixed "now" for the fake clock
 T0_STAMP = "20250615T150640Z"  # T0 in UTC, as trash entry names carry it
 
@@ -99,7 +105,7 @@ def test_only_real_exp_n_folders_are_candidates(runs, tmp_path):
 
     assert sorted(c.path.name for c in cleanup.find_candidates(runs)) == ["exp1", "exp12"]
 
-    report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
     assert names(report.trashed) == ["exp1", "exp12"]
     assert sorted(p.name for p in runs.iterdir()) == [".trash", "Exp3", "exp5_best", "exp7", "exp9", "experiments"]
     assert (runs / "exp9").is_symlink() and (outside / "results.csv").is_file()
@@ -112,7 +118,7 @@ def test_live_run_files_at_the_top_are_untouched(runs):
     make_exp(runs, "exp1")
     with RunLock(runs):  # the live training holds the runs folder itself
         before = {k: v for k, v in listing(runs).items() if not k.startswith("exp1")}
-        report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, purge_all=True, now=T0)
+        report = prune(runs, keep_latest=0, map_whitelist=2.0, purge_all=True, now=T0)
         after = {k: v for k, v in listing(runs).items() if not k.startswith(".trash")}
 
     assert names(report.purged) == ["exp1-" + T0_STAMP]
@@ -129,7 +135,7 @@ def test_newest_by_ctime_are_kept_not_highest_n(runs, monkeypatch):
     # exp2 is the newest although its N is small; exp4 and exp5 tie, so the larger N (exp5) counts as newer
     fake_ctimes(monkeypatch, {"exp1": 100, "exp2": 500, "exp3": 300, "exp4": 400, "exp5": 400})
 
-    report = cleanup.prune(runs, keep_latest=2, map_whitelist=2.0, now=T0)
+    report = prune(runs, keep_latest=2, map_whitelist=2.0, now=T0)
 
     assert [(Path(p).name, r) for p, _, r in report.kept] == [("exp2", "kept: newest"), ("exp5", "kept: newest")]
     assert names(report.trashed) == ["exp1", "exp3", "exp4"]
@@ -141,7 +147,7 @@ def test_whitelist_reads_best_map50_from_results_csv(runs):
     make_exp(runs, "exp2", maps=(0.5, 0.79))
     make_exp(runs, "exp3", maps=(0.8,))  # exactly the threshold counts
 
-    report = cleanup.prune(runs, keep_latest=0, map_whitelist=0.8, now=T0)
+    report = prune(runs, keep_latest=0, map_whitelist=0.8, now=T0)
 
     kept = {Path(p).name: r for p, _, r in report.kept}
     assert kept == {"exp1": "kept: whitelisted mAP50=0.93", "exp3": "kept: whitelisted mAP50=0.8"}
@@ -174,7 +180,7 @@ def test_checkpoint_is_the_fallback_when_results_csv_is_broken(runs, caplog):
     (neither / "results.csv").write_text(HEADER + "\n")  # header only: the run died before epoch 1
 
     with caplog.at_level(logging.INFO, logger="cleanup"):
-        report = cleanup.prune(runs, keep_latest=0, map_whitelist=0.8, now=T0)
+        report = prune(runs, keep_latest=0, map_whitelist=0.8, now=T0)
 
     kept = {Path(p).name: r for p, _, r in report.kept}
     assert kept == {"exp1": "kept: whitelisted mAP50=0.91", "exp2": "kept: whitelisted mAP50=0.95"}
@@ -187,7 +193,7 @@ def test_keep_file_is_honoured(runs):
     (make_exp(runs, "exp1") / ".keep").touch()
     make_exp(runs, "exp2")
 
-    report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
 
     assert [(Path(p).name, r) for p, _, r in report.kept] == [("exp1", "kept: .keep")]
     assert names(report.trashed) == ["exp2"]
@@ -196,10 +202,10 @@ def test_keep_file_is_honoured(runs):
 def test_a_run_locked_by_a_live_training_is_kept(runs):
     exp = make_exp(runs, "exp1")
     with RunLock(exp):
-        report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
+        report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
         assert [(Path(p).name, r) for p, _, r in report.kept] == [("exp1", "kept: in use")]
         assert exp.is_dir()
-    report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)  # lock released: fair game
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)  # lock released: fair game
     assert names(report.trashed) == ["exp1"]
 
 
@@ -240,13 +246,13 @@ def test_symlinks_are_never_followed_nor_deleted_through(runs, tmp_path, caplog)
     (exp1 / "data").symlink_to(outside, target_is_directory=True)
     (exp1 / "labels.txt").symlink_to(outside / "dataset.txt")
 
-    report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
     assert names(report.trashed) == ["exp1"]
     assert 1000 < report.trashed[0][1] < 2000  # the 1000-byte last.pt and results.csv, not the link targets
     fake_entry = runs / ".trash" / "exp4-20000101T000000Z"  # a link that looks like an old trash entry
     fake_entry.symlink_to(outside, target_is_directory=True)
     with caplog.at_level(logging.INFO, logger="cleanup"):
-        report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, trash_hours=24, now=T0 + 25 * HOUR)
+        report = prune(runs, keep_latest=0, map_whitelist=2.0, trash_hours=24, now=T0 + 25 * HOUR)
     assert names(report.purged) == ["exp1-" + T0_STAMP] and trash_names(runs) == [fake_entry.name]
     assert any(f"{fake_entry}  left alone" in m for m in caplog.messages)
 
@@ -261,7 +267,7 @@ def test_a_symlinked_runs_folder_is_fine_its_exp_links_are_not(tmp_path, monkeyp
     make_exp(real, "exp1")
     (tmp_path / "runs").symlink_to(real, target_is_directory=True)  # runs on a bigger disk, linked in: common
 
-    report = cleanup.prune(tmp_path / "runs", keep_latest=0, map_whitelist=2.0, now=T0)
+    report = prune(tmp_path / "runs", keep_latest=0, map_whitelist=2.0, now=T0)
 
     assert names(report.trashed) == ["exp1"] and trash_names(real) == ["exp1-" + T0_STAMP]
 
@@ -273,7 +279,7 @@ def test_a_symlinked_trash_is_never_used(runs, tmp_path):
     (runs / ".trash").symlink_to(outside, target_is_directory=True)
     make_exp(runs, "exp1")
 
-    report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, purge_all=True, now=T0)
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, purge_all=True, now=T0)
 
     assert report.trashed == report.purged == []
     assert (runs / "exp1").is_dir() and (outside / "exp1-20000101T000000Z").is_dir()
@@ -291,15 +297,15 @@ def local_time_not_utc(monkeypatch):
 
 def test_trash_is_purged_only_after_trash_hours(runs, local_time_not_utc):
     make_exp(runs, "exp1", payload=5000)
-    report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, trash_hours=24, now=T0)
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, trash_hours=24, now=T0)
     size = report.trashed[0][1]
     assert not (runs / "exp1").exists() and trash_names(runs) == ["exp1-" + T0_STAMP]
     assert report.purged == [] and report.bytes_freed == 0
 
-    report = cleanup.prune(runs, trash_hours=24, now=T0 + 23.9 * HOUR)
+    report = prune(runs, trash_hours=24, now=T0 + 23.9 * HOUR)
     assert report.purged == [] and trash_names(runs) == ["exp1-" + T0_STAMP]
 
-    report = cleanup.prune(runs, trash_hours=24, now=T0 + 24 * HOUR)
+    report = prune(runs, trash_hours=24, now=T0 + 24 * HOUR)
     assert [(Path(p).name, s, r) for p, s, r in report.purged] == [("exp1-" + T0_STAMP, size, "purged")]
     assert report.bytes_freed == size > 5000 and trash_names(runs) == []
 
@@ -307,14 +313,14 @@ def test_trash_is_purged_only_after_trash_hours(runs, local_time_not_utc):
 def test_low_disk_purges_the_trash_oldest_first_at_once(runs, monkeypatch, caplog):
     for i, n in enumerate((3, 1, 2)):  # trashed in this order, an hour apart: exp3 is the oldest entry
         make_exp(runs, f"exp{n}", payload=1000)
-        cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, now=T0 + i * HOUR)
+        prune(runs, keep_latest=0, map_whitelist=2.0, now=T0 + i * HOUR)
     sizes = {p.name[:4]: cleanup.dir_size(p) for p in (runs / ".trash").iterdir()}
     free = 10_000
     fake_free(monkeypatch, free)
     min_free_gb = (free + sizes["exp3"] + 1) / 1e9  # one entry is not enough, two are
 
     with caplog.at_level(logging.INFO, logger="cleanup"):
-        report = cleanup.prune(runs, min_free_gb=min_free_gb, trash_hours=24, now=T0 + 3 * HOUR)
+        report = prune(runs, min_free_gb=min_free_gb, trash_hours=24, now=T0 + 3 * HOUR)
 
     assert [Path(p).name[:4] for p, _, _ in report.purged] == ["exp3", "exp1"]
     assert report.bytes_freed == sizes["exp3"] + sizes["exp1"]
@@ -325,7 +331,7 @@ def test_low_disk_purges_the_trash_oldest_first_at_once(runs, monkeypatch, caplo
 def test_deletion_errors_are_logged_and_skipped(runs, monkeypatch, caplog):
     make_exp(runs, "exp1")
     make_exp(runs, "exp2")
-    cleanup.prune(runs, keep_latest=1, map_whitelist=2.0, now=T0)  # exp1 or exp2 into the trash
+    prune(runs, keep_latest=1, map_whitelist=2.0, now=T0)  # exp1 or exp2 into the trash
 
     def busy_rmtree(path, onerror):
         onerror(os.unlink, str(path), (PermissionError, PermissionError("file in use"), None))
@@ -336,7 +342,7 @@ def test_deletion_errors_are_logged_and_skipped(runs, monkeypatch, caplog):
     monkeypatch.setattr(cleanup.shutil, "rmtree", busy_rmtree)
     monkeypatch.setattr(cleanup.os, "rename", busy_rename)
     with caplog.at_level(logging.INFO, logger="cleanup"):
-        report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, purge_all=True, now=T0)
+        report = prune(runs, keep_latest=0, map_whitelist=2.0, purge_all=True, now=T0)
 
     assert report.trashed == report.purged == [] and report.bytes_freed == 0
     assert [r for _, _, r in report.kept] == ["kept: could not trash"]
@@ -352,16 +358,16 @@ def test_dry_run_reports_the_same_and_changes_nothing(runs, monkeypatch):
     for n in range(1, 5):
         make_exp(runs, f"exp{n}")
     fake_ctimes(monkeypatch, {f"exp{n}": n for n in range(1, 5)})
-    cleanup.prune(runs, keep_latest=3, map_whitelist=2.0, now=T0)  # exp1 into the trash, old by T0 + 48 h
+    prune(runs, keep_latest=3, map_whitelist=2.0, now=T0)  # exp1 into the trash, old by T0 + 48 h
     fake_free(monkeypatch, 0)  # low disk too: the dry run must not purge for it either
     before = listing(runs)
 
-    dry = cleanup.prune(runs, keep_latest=1, map_whitelist=2.0, trash_hours=24, dry_run=True, now=T0 + 48 * HOUR)
+    dry = prune(runs, keep_latest=1, map_whitelist=2.0, trash_hours=24, dry_run=True, now=T0 + 48 * HOUR)
 
     assert listing(runs) == before
     assert names(dry.kept) == ["exp4"] and names(dry.trashed) == ["exp2", "exp3"]
     assert len(dry.purged) == 3 and dry.bytes_freed > 0  # the old entry and, for the low disk, the two new ones
-    real = cleanup.prune(runs, keep_latest=1, map_whitelist=2.0, trash_hours=24, now=T0 + 48 * HOUR)
+    real = prune(runs, keep_latest=1, map_whitelist=2.0, trash_hours=24, now=T0 + 48 * HOUR)
     assert (names(real.kept), names(real.trashed), names(real.purged)) == (
         names(dry.kept),
         names(dry.trashed),
@@ -373,7 +379,7 @@ def test_dry_run_reports_the_same_and_changes_nothing(runs, monkeypatch):
 
 def test_dry_run_creates_no_trash_folder(runs):
     make_exp(runs, "exp1")
-    report = cleanup.prune(runs, keep_latest=0, map_whitelist=2.0, dry_run=True, now=T0)
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, dry_run=True, now=T0)
     assert names(report.trashed) == ["exp1"]
     assert not (runs / ".trash").exists() and (runs / "exp1").is_dir()
 
@@ -480,24 +486,16 @@ def table_counts(stdout):
 
 
 def test_cli_defaults_come_from_train_dual_relative_to_its_folder(tmp_path, monkeypatch):
-    fake = SimpleNamespace(
-        __file__=str(tmp_path / "repo" / "train_dual.py"),
-        RUNS_DIR="runs/fuse",
-        KEEP_LATEST=7,
-        MAP_WHITELIST=0.6,
-        TRASH_HOURS=2.0,
-        MIN_FREE_GB=1.5,
-    )
-    monkeypatch.setitem(sys.modules, "train_dual", fake)
-    monkeypatch.chdir(tmp_path)
-    assert cleanup._cli_defaults() == dict(
-        runs_dir=(tmp_path / "repo" / "runs" / "fuse").resolve(), keep=7, map=0.6, trash_hours=2.0, min_free_gb=1.5
-    )
+    import train_dual
 
-    monkeypatch.setitem(sys.modules, "train_dual", None)  # as if train_dual.py did not exist
-    assert cleanup._cli_defaults()["runs_dir"] is None
-    with pytest.raises(SystemExit):
-        cleanup.main([])  # then RUNS_DIR must be given
+    monkeypatch.chdir(tmp_path)  # the default runs folder is the repository's, wherever the command runs
+    assert cleanup._cli_defaults() == dict(
+        runs_dir=ROOT / "runs" / "fuse",
+        keep=train_dual.KEEP_LATEST,
+        map=train_dual.MAP_WHITELIST,
+        trash_hours=train_dual.TRASH_HOURS,
+        min_free_gb=train_dual.MIN_FREE_GB,
+    )
 
 
 def test_cli_dry_run_then_real_run(runs):
