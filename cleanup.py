@@ -30,6 +30,7 @@ STAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # UTC in the trash entry's name: its age surviv
 MAP_COLUMN = "metrics/mAP50(B)"
 GB = 1e9
 
+
 @dataclass(frozen=True)
 class Candidate:
     """An `exp<N>` folder and every fact `decide` needs about it."""

@@ -90,9 +90,9 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     names = list(names.values()) if isinstance(names, dict) else names
     if names != list(trained.names.values()):
         conflicts.append(f"classes {names} in {data.name} differ from the checkpoint's {list(trained.names.values())}")
-    if config.get("channels") != trained.yaml.get("channels"):
-        trained_channels = trained.yaml.get("channels")
-        conflicts.append(f"channels: {config.get('channels')} in {data.name} differ from the checkpoint's {trained_channels}")
+    channels, trained_channels = config.get("channels"), trained.yaml.get("channels")
+    if channels != trained_channels:
+        conflicts.append(f"channels: {channels} in {data.name} differ from the checkpoint's {trained_channels}")
     trained_on = ckpt.get("train_args", {}).get("data")
     if trained_on != str(data):
         notes.append(f"DATA is now {data} (the checkpoint trained on {trained_on}); same classes and channels")

@@ -23,6 +23,8 @@ DEFAULTS = dict(keep_latest=3, map_whitelist=0.8, trash_hours=24.0, min_free_gb=
 def prune(runs_dir, **settings):
     """cleanup.prune with train_dual.py's default settings, overridden by `settings`."""
     return cleanup.prune(runs_dir, **{**DEFAULTS, **settings})
+
+
 T0 = 1_750_000_000.0  # a fixed "now" for the fake clock
 T0_STAMP = "20250615T150640Z"  # T0 in UTC, as trash entry names carry it
 

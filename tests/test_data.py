@@ -35,8 +35,22 @@ def touch_image(path: Path, img: np.ndarray) -> Path:
 def cfg(**overrides):
     """Training args with every random augmentation off unless asked for; small images."""
     base = dict(
-        imgsz=64, mosaic=0.0, mixup=0.0, cutmix=0.0, copy_paste=0.0, degrees=0.0, translate=0.0, scale=0.0,
-        shear=0.0, perspective=0.0, fliplr=0.0, flipud=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, cache=False,
+        imgsz=64,
+        mosaic=0.0,
+        mixup=0.0,
+        cutmix=0.0,
+        copy_paste=0.0,
+        degrees=0.0,
+        translate=0.0,
+        scale=0.0,
+        shear=0.0,
+        perspective=0.0,
+        fliplr=0.0,
+        flipud=0.0,
+        hsv_h=0.0,
+        hsv_s=0.0,
+        hsv_v=0.0,
+        cache=False,
         close_mosaic=0,
     )
     return get_cfg(overrides={**base, **overrides})
@@ -229,7 +243,14 @@ def test_mosaic_perspective_flip_keep_rgb_and_ir_aligned(tmp_path, channels):
     data = check_det_dataset(str(data_yaml))
     assert data["channels"] == channels
     args = cfg(
-        imgsz=128, mosaic=1.0, degrees=10, translate=0.1, scale=0.5, shear=2, perspective=0.0005, fliplr=0.5,
+        imgsz=128,
+        mosaic=1.0,
+        degrees=10,
+        translate=0.1,
+        scale=0.5,
+        shear=2,
+        perspective=0.0005,
+        fliplr=0.5,
         flipud=0.5,
     )
     ds = build_paired_dataset(args, data["train"], 4, data, mode="train", stride=32)
@@ -351,7 +372,8 @@ def test_cache_modes_match_no_cache_and_ignore_stock_npy(tmp_path):
         for i, (a, b) in enumerate(zip(got, expected)):
             assert torch.equal(a, b), f"cache={cache!r}: sample {i} differs from the uncached sample"
         for decoy, (content, mtime) in decoys.items():
-            assert decoy.read_bytes() == content and decoy.stat().st_mtime_ns == mtime, f"cache={cache!r} touched {decoy}"
+            untouched = decoy.read_bytes() == content and decoy.stat().st_mtime_ns == mtime
+            assert untouched, f"cache={cache!r} touched {decoy}"
 
     pair_caches = sorted(val_dir.glob("*.pair4.npy"))
     assert [p.name.split(".")[0] for p in pair_caches] == [p.stem for p in sorted(val_dir.glob("*.jpg"))]

@@ -198,8 +198,16 @@ def trained(tmp_path_factory):
     mp.setattr(socket, "getaddrinfo", lambda *a, **k: refuse(*a))
     try:
         yolofuse.YOLO(str(MID)).train(
-            data=str(data), epochs=2, imgsz=64, batch=4, nbs=4, workers=0, device="cpu",
-            save_dir=str(tmp / "run"), plots=True, exist_ok=True,
+            data=str(data),
+            epochs=2,
+            imgsz=64,
+            batch=4,
+            nbs=4,
+            workers=0,
+            device="cpu",
+            save_dir=str(tmp / "run"),
+            plots=True,
+            exist_ok=True,
         )
     finally:
         mp.undo()
@@ -238,7 +246,11 @@ def test_best_pt_predicts_in_fresh_process(trained, tmp_path):
     env["PYTHONPATH"] = str(ROOT)  # importable, but run from elsewhere: nothing depends on the working directory
     proc = subprocess.run(
         [sys.executable, "-c", PREDICT, str(tmp / "run" / "weights" / "best.pt"), str(rgb), str(orphan)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -279,7 +291,8 @@ def test_import_offline_in_fresh_process(tmp_path):
         "import os, yolofuse; from ultralytics.utils import ONLINE; from ultralytics.utils.checks import check_font;"
         "print(os.environ['YOLO_OFFLINE'], ONLINE, check_font('Arial.ttf'))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    cmd = [sys.executable, "-c", code]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     offline, online, font = proc.stdout.split()[-3:]
     assert offline == "1" and online == "False" and Path(font).is_file()

@@ -69,10 +69,14 @@ def load(path: Path) -> dict:
     return ckpt
 
 
+def target_epochs(ckpt: dict, epochs: int) -> int:
+    """A run trains to the larger of its checkpoint's `epochs` and the requested ones (raising EPOCHS extends it)."""
+    return max(epochs, ckpt.get("train_args", {}).get("epochs", 0))
+
+
 def is_unfinished(ckpt: dict, epochs: int) -> bool:
     """Resumable: optimizer state kept (not stripped), and fewer epochs done than the target."""
-    target = max(epochs, ckpt.get("train_args", {}).get("epochs", 0))
-    return ckpt.get("optimizer") is not None and 0 <= ckpt.get("epoch", -1) < target - 1
+    return ckpt.get("optimizer") is not None and 0 <= ckpt.get("epoch", -1) < target_epochs(ckpt, epochs) - 1
 
 
 @dataclass
@@ -100,10 +104,8 @@ def probe(last: Path, epochs: int) -> Probe:
         note = f"{'; '.join(problems)}; using the previous checkpoint {path.name}. " if problems else ""
         done = ckpt.get("epoch", -1) + 1
         if is_unfinished(ckpt, epochs):
-            target = ckpt["train_args"]["epochs"]
-            return Probe(
-                "unfinished", f"{note}Unfinished run at {path}: {done}/{target} epochs done, resuming.", path, ckpt
-            )
+            message = f"{note}Unfinished run at {path}: {done}/{target_epochs(ckpt, epochs)} epochs done, resuming."
+            return Probe("unfinished", message, path, ckpt)
         return Probe("finished", f"{note}Finished run at {path}: archiving it, then starting a fresh run.", path, ckpt)
     return Probe("corrupt", f"{'; '.join(problems)}; no usable checkpoint: archiving the run, starting fresh.")
 

@@ -9,7 +9,7 @@ import torch
 import ultralytics
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
-from ultralytics.utils import LOGGER, colorstr
+from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
 from yolofuse import checkpoint, replay
@@ -57,6 +57,13 @@ def side_by_side(batch: dict) -> dict:
 
 class FuseTrainer(DetectionTrainer):
     """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run."""
+
+    def train(self):
+        # Ultralytics deletes save_dir before a fresh multi-GPU run; ours also holds the archived experiments and
+        # the lock. Only this launching process reads `self.resume` there; the DDP workers get `args.resume`.
+        if self.ddp:
+            self.resume = True
+        return super().train()
 
     def get_dataset(self):
         check_dataset(self.args.data)  # one-line errors before Ultralytics' own, longer ones
@@ -121,6 +128,8 @@ class FuseTrainer(DetectionTrainer):
 
     def final_eval(self):
         """Stock `final_eval` strips last.pt and best.pt in place and validates best; do it on staged copies."""
+        if RANK not in {-1, 0}:
+            return super().final_eval()  # only rank 0 touches the run folder
         staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
         if self.last.exists():
             ckpt = torch.load(self.last, map_location="cpu", weights_only=False)

@@ -70,6 +70,8 @@ def restore(trainer, state: dict, start_epoch: int) -> None:
         dataset.buffer.clear()
         for i in state["mosaic_buffer"]:
             dataset.load_image(i)
+    if trainer.world_size > 1:
+        return  # DDP ranks keep their own seeds: the saved streams are rank 0's
     rng = state["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
