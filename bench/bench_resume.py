@@ -122,11 +122,11 @@ def exact_resume_cost(work: Path, data: Path) -> None:
         trainer.last, trainer.best = last, best
     ours, stock = statistics.median(ours_times), statistics.median(stock_times)
     size, stock_size = trainer.last.stat().st_size, (stock_dir / "last.pt").stat().st_size
+    best, stock_best = trainer.best.stat().st_size, (stock_dir / "best.pt").stat().st_size
     print(
         f"(d) exact resume: save_model {ours * 1e3:.0f} ms vs stock {stock * 1e3:.0f} ms (ratio {ours / stock:.2f}); "
         f"last.pt {size / 1e6:.1f} MB vs stock {stock_size / 1e6:.1f} MB (ratio {size / stock_size:.2f}); "
-        f"best.pt {trainer.best.stat().st_size / 1e6:.1f} MB vs stock {(stock_dir / 'best.pt').stat().st_size / 1e6:.1f}"
-        " MB"
+        f"best.pt {best / 1e6:.1f} MB vs stock {stock_best / 1e6:.1f} MB"
     )
 
 
