@@ -204,7 +204,7 @@ def test_load_pair_missing_or_unreadable(tmp_path):
     rgb = touch_image(tmp_path / "images" / "train" / "d.jpg", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(DatasetError) as e:
         load_pair(rgb, 4)
-    assert_one_line_error(e, str(tmp_path / "imagesIR" / "train" / "d.jpg"), "IR")
+    assert_one_line_error(e, str(tmp_path / "imagesIR" / "train" / "d.*"), "IR", "missing")
     bad = tmp_path / "imagesIR" / "train" / "d.png"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not an image")
@@ -454,8 +454,8 @@ def test_check_dataset_missing_ir(demo_copy):
     ir.unlink()
     with pytest.raises(DatasetError) as e:
         check_dataset(demo_copy)
-    # The expected IR path (same name as the RGB file) is named, with how many are missing and the fix.
-    assert_one_line_error(e, str(demo_copy.parent / "imagesIR" / "val" / (ir.stem + ".jpg")), "1 of 2", "imagesIR")
+    # The expected IR path (same stem, any suffix) is named, with how many are missing and the fix.
+    assert_one_line_error(e, str(demo_copy.parent / "imagesIR" / "val" / (ir.stem + ".*")), "1 of 2", "imagesIR")
 
 
 @pytest.mark.parametrize("junk", ["hello world\n", "0 0.5 0.5 0.2\n", "7 0.5 0.5 0.2 0.2\n", "0 0.5 0.5 1.5 0.2\n"])

@@ -39,7 +39,7 @@ def ir_path(rgb_path) -> Path:
         candidate = ir_dir / (rgb_path.stem + suffix)
         if candidate.is_file():
             return candidate
-    return ir_dir / rgb_path.name  # missing: the caller reports this expected path
+    return ir_dir / rgb_path.name  # missing: callers report it as `<stem>.*`
 
 
 def load_pair(rgb_path, channels: int) -> np.ndarray:
@@ -49,9 +49,11 @@ def load_pair(rgb_path, channels: int) -> np.ndarray:
     if rgb is None:
         raise DatasetError(f"{rgb_path}: RGB image is missing or unreadable; replace it or remove it with its label")
     ir_file = ir_path(rgb_path)
-    ir = cv2.imread(str(ir_file), cv2.IMREAD_UNCHANGED) if ir_file.is_file() else None
+    if not ir_file.is_file():
+        raise DatasetError(f"{ir_file.with_suffix('.*')}: IR image for {Path(rgb_path).name} is missing; add it")
+    ir = cv2.imread(str(ir_file), cv2.IMREAD_UNCHANGED)
     if ir is None:
-        raise DatasetError(f"{ir_file}: IR image for {Path(rgb_path).name} is missing or unreadable; add it")
+        raise DatasetError(f"{ir_file}: IR image is unreadable; replace it")
     if ir.dtype != np.uint8:
         raise DatasetError(f"{ir_file}: IR image is {ir.dtype}; convert it to 8-bit")
     ir = ir[..., None] if ir.ndim == 2 else ir[..., 2::-1]  # 3-channel IR in RGB order too
@@ -184,7 +186,7 @@ def check_dataset(data_file) -> None:
         missing = [ir for ir in map(ir_path, images) if not ir.is_file()]
         if missing:
             raise DatasetError(
-                f"{missing[0]}: IR image missing ({len(missing)} of {len(images)} in {split}); "
+                f"{missing[0].with_suffix('.*')}: IR image missing ({len(missing)} of {len(images)} in {split}); "
                 f"add them under {IR_DIR}/ with the same names as the RGB images"
             )
         for label_file in map(Path, img2label_paths(map(str, images))):
