@@ -494,3 +494,26 @@ def test_corrupt_last_without_previous_is_archived_untouched(tmp_path, tiny_data
     assert (runs / "exp1" / "weights" / "last.pt").read_bytes() == garbage
     assert load_ckpt(broken)["train_args"]["epochs"] == 1  # a fresh run's real checkpoint
     assert csv_epochs(runs) == [1]
+
+
+def test_cleanup_prunes_during_training_and_keeps_what_it_must(tmp_path, tiny_data):
+    """Cleanup runs before training and from the callback after each epoch (not on final_eval's extra call)."""
+    runs = tmp_path / "runs"
+    header = "epoch,metrics/mAP50(B)\n"
+    for n, (map50, keep) in enumerate([(0.1, False), (0.95, False), (0.1, True), (0.1, False), (0.1, False)], 1):
+        exp = runs / f"exp{n}"  # created in order: exp5 is the newest by ctime
+        exp.mkdir(parents=True)
+        (exp / "results.csv").write_text(f"{header}1,{map50}\n")
+        if keep:
+            (exp / ".keep").touch()
+        time.sleep(0.02)  # distinct ctimes for the real filesystem
+    (runs / "exp5_best").mkdir()  # a renamed experiment: never a candidate
+    res = run_train_dual(*settings_of(runs, tiny_data, 2), "CLEANUP_EVERY=1", "KEEP_LATEST=1", "MAP_WHITELIST=0.9")
+    assert_ok(res)
+    assert sorted(p.name for p in runs.iterdir() if p.name.startswith("exp")) == ["exp2", "exp3", "exp5", "exp5_best"]
+    trashed = sorted(p.name.rpartition("-")[0] for p in (runs / ".trash").iterdir())
+    assert trashed == ["exp1", "exp4"]
+    assert (runs / "weights" / "best.pt").is_file() and csv_epochs(runs) == [1, 2]  # the live run is whole
+    assert "whitelisted mAP50=0.95" in res.stdout and ".keep" in res.stdout
+    newest = [line for line in res.stdout.splitlines() if "exp5" in line and "kept: newest" in line]
+    assert len(newest) == 3, newest  # before epoch 1, after epoch 1, after epoch 2
