@@ -5,7 +5,8 @@
 Used by test_train_dual.py as a subprocess; with no KILLER_* variable set it behaves exactly like train_dual.py.
 
 KILLER_RECORD=<file>
-    After FuseTrainer.resume_training, save {"start_epoch", "optimizer" (state dict)} of the resumed trainer there.
+    After FuseTrainer.resume_training, save the resumed trainer's start epoch, optimizer state, best fitness,
+    early-stopping state, EMA update count and LR scheduler position there.
 KILLER_COMMIT=<mode>:<n>
     On the n-th commit of last.pt in this process, SIGKILL this process in the middle of it. <mode>:
       truncated  the staged file is cut to half its bytes (a write torn by the kill), nothing renamed yet;
@@ -46,7 +47,15 @@ def install_record(path: str) -> None:
 
     def resume_training(self, ckpt):
         original(self, ckpt)
-        torch.save({"start_epoch": self.start_epoch, "optimizer": self.optimizer.state_dict()}, path)
+        state = {
+            "start_epoch": self.start_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "best_fitness": self.best_fitness,
+            "stopper": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch},
+            "ema_updates": self.ema.updates,
+            "scheduler_last_epoch": self.scheduler.last_epoch,
+        }
+        torch.save(state, path)
 
     engine.FuseTrainer.resume_training = resume_training
 

@@ -235,6 +235,10 @@ def test_sigkill_mid_epoch_then_rerun_continues_with_saved_optimizer_state(tmp_p
     fp32 = (saved.get("resume_state") or {}).get("optimizer")  # the launcher's exact-resume copy, when it keeps one
     if fp32 is not None:
         assert_same_optimizer_state(fp32, resumed["optimizer"], exact=True)
+    # The rest of the training state: best fitness, early stopping, EMA, LR schedule position.
+    assert resumed["best_fitness"] == saved["best_fitness"] and resumed["stopper"] == saved["stopper"]
+    assert resumed["ema_updates"] == saved["updates"] > 0
+    assert resumed["scheduler_last_epoch"] == resumed["start_epoch"] - 1  # the next step() lands on start_epoch
     assert csv_epochs(runs) == [1, 2, 3, 4]
     assert load_ckpt(runs / "weights" / "last.pt")["train_args"]["epochs"] == 4
 
