@@ -63,7 +63,8 @@ def load(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickling garbage, missing class...
-        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+        reason = (str(e).splitlines() or [""])[0][:80]
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ("ema" not in ckpt and "model" not in ckpt):
         raise CheckpointError(f"{path} is corrupt (not an Ultralytics checkpoint)")
     return ckpt
