@@ -88,8 +88,9 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     config = yaml.safe_load(data.read_text()) or {}
     names = config.get("names")
     names = list(names.values()) if isinstance(names, dict) else names
-    if names != list(trained.names.values()):
-        conflicts.append(f"classes {names} in {data.name} differ from the checkpoint's {list(trained.names.values())}")
+    trained_names = list(trained.names.values())
+    if names != trained_names:
+        conflicts.append(f"classes {names} in {data.name} differ from the checkpoint's {trained_names}")
     channels, trained_channels = config.get("channels"), trained.yaml.get("channels")
     if channels != trained_channels:
         conflicts.append(f"channels: {channels} in {data.name} differ from the checkpoint's {trained_channels}")

@@ -34,9 +34,13 @@ class EpochShuffle(Sampler):
         return iter(order.tolist())
 
 
+def _batch_sampler(loader):
+    return loader.batch_sampler.sampler  # InfiniteDataLoader wraps its BatchSampler in a _RepeatSampler
+
+
 def use_epoch_shuffle(loader, seed: int) -> None:
     """Swap the shuffling sampler inside an Ultralytics train loader (single process; DDP samplers are per-epoch)."""
-    batch_sampler = loader.batch_sampler.sampler  # InfiniteDataLoader wraps its BatchSampler in a _RepeatSampler
+    batch_sampler = _batch_sampler(loader)
     if isinstance(batch_sampler.sampler, RandomSampler):
         batch_sampler.sampler = EpochShuffle(len(batch_sampler.sampler), seed)
 
@@ -62,7 +66,7 @@ def restore(trainer, state: dict, start_epoch: int) -> None:
     for saved, group in zip(state["optimizer"]["param_groups"], trainer.optimizer.param_groups):
         saved["fused"] = group.get("fused")  # the runtime device picks the kernel, as in stock resume
     trainer.optimizer.load_state_dict(state["optimizer"])
-    sampler = trainer.train_loader.batch_sampler.sampler.sampler
+    sampler = _batch_sampler(trainer.train_loader).sampler
     if isinstance(sampler, EpochShuffle):
         sampler.passes = start_epoch
     dataset = trainer.train_loader.dataset
