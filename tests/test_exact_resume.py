@@ -1,58 +1,159 @@
-"""A run killed after epoch 2 and re-run ends bit-identical to the uninterrupted run (CPU, deterministic)."""
+"""A run killed and re-run ends bit-identical to the uninterrupted run (CPU), with gradient accumulation and mosaic;
+the train loader gives the same batches for any number of workers and across a restart.
+"""
 
 import os
+import random
 import signal
 import subprocess
 
+import numpy as np
 import pandas as pd
 import torch
-from conftest import killer_cmd
+from conftest import ROOT, killer_cmd, make_dataset
+from ultralytics.nn.tasks import load_checkpoint
 
-SETTINGS = ["EPOCHS=4", "CLOSE_MOSAIC=1", "WORKERS=0"]  # mosaic on for epochs 1-3, closed for epoch 4
+from yolofuse import checkpoint, replay
+from yolofuse.engine import FuseTrainer
+
+# BATCH=4 with NBS=16: the optimizer steps every 4 batches (fewer while warm-up ramps it up), so accumulation windows
+# span epoch boundaries. CLEANUP_EVERY, IMGSZ and WORKERS come from conftest's FAST settings (the CPU uses 0 workers).
+ACCUMULATE = ["BATCH=4", "NBS=16"]
 
 
-def run(runs_dir, data, kill_after_epoch):
+def run(runs_dir, data, kill_after_epoch, *settings):
     """train_dual.py through tests/killer.py, SIGKILLed right after the checkpoint of `kill_after_epoch`."""
-    cmd = killer_cmd(f"DATA={data}", f"RUNS_DIR={runs_dir}", *SETTINGS)
+    cmd = killer_cmd(f"DATA={data}", f"RUNS_DIR={runs_dir}", *ACCUMULATE, *settings)
     env = {**os.environ, "KILLER_AFTER_SAVE": str(kill_after_epoch)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def tensors(ckpt):
-    """Every tensor the next epoch would depend on, by name: stock FP16 EMA and the FP32 exact-resume state."""
-    state = ckpt["resume_state"]
+def tensors(path):
+    """Every tensor the next epoch depends on, by name: stock's FP16 EMA and the FP32 exact-resume state."""
+    ckpt = checkpoint.load(path)
+    state = checkpoint.read_member(path, replay.RESUME_MEMBER)
     out = {f"ema_fp16.{k}": v for k, v in ckpt["ema"].state_dict().items()}
     out.update({f"model.{k}": v for k, v in state["model"].items()})
     out.update({f"ema.{k}": v for k, v in state["ema"].items()})
+    out.update({f"grad.{k}": v for k, v in state["accumulation"]["grads"].items()})
     for i, moments in state["optimizer"]["state"].items():
         out.update({f"optimizer.{i}.{k}": v for k, v in moments.items() if torch.is_tensor(v)})
     return out
 
 
-def load(path):
-    import yolofuse  # noqa: F401  (registers the fusion layer for unpickling)
-
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def test_killed_and_resumed_run_is_bit_identical(tmp_path, tiny_data):
+def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *settings):
     # Both runs stop right after the last epoch's checkpoint, before the final strip, to compare full FP32 state.
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert run(straight, tiny_data, kill_after_epoch=4).returncode == -signal.SIGKILL
+    assert run(straight, data, epochs, f"EPOCHS={epochs}", *settings).returncode == -signal.SIGKILL
 
-    assert run(interrupted, tiny_data, kill_after_epoch=2).returncode == -signal.SIGKILL
-    assert load(interrupted / "weights" / "last.pt")["epoch"] == 1  # two epochs saved, then the kill
-    resumed = run(interrupted, tiny_data, kill_after_epoch=4)
+    assert run(interrupted, data, kill_after, f"EPOCHS={epochs}", *settings).returncode == -signal.SIGKILL
+    assert checkpoint.load(interrupted / "weights" / "last.pt")["epoch"] == kill_after - 1
+    resumed = run(interrupted, data, epochs, f"EPOCHS={epochs}", *settings)
     assert resumed.returncode == -signal.SIGKILL, resumed.stderr[-2000:]
     assert "Unfinished run" in resumed.stdout
 
-    a, b = (load(d / "weights" / "last.pt") for d in (straight, interrupted))
-    assert a["epoch"] == b["epoch"] == 3
-    a, b = tensors(a), tensors(b)
+    last = interrupted / "weights" / "last.pt"
+    assert load_checkpoint(last)[1]["epoch"] == epochs - 1  # stock Ultralytics still loads it, extra member and all
+    a, b = (tensors(d / "weights" / "last.pt") for d in (straight, interrupted))
     assert a.keys() == b.keys() and len(a) > 1000
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
     a, b = (pd.read_csv(d / "results.csv").drop(columns="time") for d in (straight, interrupted))
-    assert list(a["epoch"]) == [1, 2, 3, 4]
+    assert list(a["epoch"]) == list(range(1, epochs + 1))
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_kill_in_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path):
+    # 6 pairs: 2 batches per epoch (4 + 2). Warm-up (3 epochs in Ultralytics 8.4) ramps accumulation from 1 to 4:
+    # the optimizer steps at batches 0, 2 and 6. Killed after epoch 2 (batches 0-3), batch 3's gradient is in the
+    # open window; stock would step at batch 4 on batch 4 alone, the uninterrupted run steps at 6 on batches 3-6.
+    # Mosaic is on for epochs 1-3 and closed for epoch 4.
+    data = make_dataset(tmp_path / "data", n_train=6)
+    assert_killed_run_replays_straight_run(tmp_path, data, 4, 2, "CLOSE_MOSAIC=1")
+
+
+def test_kill_after_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path):
+    # 10 pairs: 3 batches per epoch (4 + 4 + 2). After warm-up the optimizer steps every 4 batches: at 10 and 14.
+    # Killed after epoch 4 (batches 0-11), batch 11's gradient is in the open window; the resumed run must not step
+    # at batches 12 and 13. Mosaic closes for epochs 4-5, so the resumed run starts by closing it.
+    data = make_dataset(tmp_path / "data", n_train=10)
+    assert_killed_run_replays_straight_run(tmp_path, data, 5, 4, "CLOSE_MOSAIC=2")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The train loader: same batches for 0 and 2 workers, and after a restart
+
+
+def trainer_with_loader(data, workers):
+    """A trainer and its own train loader over the paired dataset (mosaic on), with `workers` worker processes."""
+    trainer = FuseTrainer(
+        overrides=dict(model=str(ROOT / "yolov8n-fuse.yaml"), data=str(data), imgsz=64, batch=4, device="cpu")
+    )
+    trainer.args.workers = workers  # stock forces 0 on the CPU; the loader itself runs workers anywhere
+    trainer.setup_model()
+    trainer.train_loader = trainer.get_dataloader(trainer.data["train"], batch_size=4, rank=-1, mode="train")
+    assert trainer.train_loader.num_workers == workers and trainer.args.mosaic == 1.0
+    return trainer
+
+
+def train_loader(data, workers):
+    return trainer_with_loader(data, workers).train_loader
+
+
+def epochs_of(loader, n, close=True):
+    """`n` epochs of batches: each batch as its images and labels; `close` ends the loader's workers after."""
+    keys = ("img", "cls", "bboxes", "batch_idx")
+    out = []
+    for _ in range(n):
+        out.append([{k: batch[k].clone() for k in keys} | {"im_file": batch["im_file"]} for batch in loader])
+    if close:
+        loader.close()
+    return out
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for epoch, (batches_a, batches_b) in enumerate(zip(a, b)):
+        assert len(batches_a) == len(batches_b) == 3
+        for i, (x, y) in enumerate(zip(batches_a, batches_b)):
+            assert x["im_file"] == y["im_file"], f"epoch {epoch} batch {i}: other images"
+            for k in ("img", "cls", "bboxes", "batch_idx"):
+                assert torch.equal(x[k], y[k]), f"epoch {epoch} batch {i}: {k} differs"
+
+
+def test_loader_batches_do_not_depend_on_workers_or_restarts(tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=10)  # 3 batches of 4, 4 and 2
+    loader = train_loader(data, 0)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    no_workers = epochs_of(loader, 3)
+    # With no workers the samples are made in this process, which still sees its own random streams untouched.
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    assert not torch.equal(no_workers[0][0]["img"], no_workers[1][0]["img"]), "epochs repeat: nothing is random"
+
+    assert_same_batches(epochs_of(train_loader(data, 2), 3), no_workers)
+
+    # A restart before epoch 3 (index 2): a fresh loader, told its next epoch as a resume tells it.
+    for workers in (2, 0):
+        restarted = train_loader(data, workers)
+        replay.set_next_epoch(restarted, 2)
+        assert_same_batches(epochs_of(restarted, 1), no_workers[2:])
+
+
+def test_closing_mosaic_replays_the_epoch_the_workers_had_begun(tmp_path):
+    """Stock closes mosaic at an epoch start and resets the loader; its workers had already begun that epoch."""
+    data = make_dataset(tmp_path / "data", n_train=10)
+    trainer = trainer_with_loader(data, 2)
+    epochs_of(trainer.train_loader, 1, close=False)
+    next(iter(trainer.train_loader))  # the workers now hold the start of epoch 2 (index 1)
+    trainer.epoch = 1
+    trainer._close_dataloader_mosaic()
+    trainer.train_loader.reset()
+    closed = epochs_of(trainer.train_loader, 1)
+
+    reference = trainer_with_loader(data, 0)  # a loader that starts at epoch index 1, as after a resume
+    reference.epoch = reference.start_epoch = 1
+    reference._close_dataloader_mosaic()
+    replay.set_next_epoch(reference.train_loader, 1)
+    assert_same_batches(closed, epochs_of(reference.train_loader, 1))

@@ -4,8 +4,10 @@ Files in `<run>/weights/`: `last.pt` (newest), `last.prev.pt` (the one before, k
 `best.pt`. Every write goes to `<stem>.tmp<suffix>`, is fsynced, then renamed over the old file.
 """
 
+import io
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,29 @@ def load(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ("ema" not in ckpt and "model" not in ckpt):
         raise CheckpointError(f"{path} is corrupt (not an Ultralytics checkpoint)")
     return ckpt
+
+
+def add_member(path: Path, name: str, obj) -> None:
+    """Append `obj`, saved with torch.save, to the zip of the torch checkpoint at `path`, as member `name`.
+
+    The checkpoint's own bytes stay as they are, nothing is read back, and torch.load ignores the extra member.
+    """
+    with zipfile.ZipFile(path, "a") as archive:
+        prefix = archive.namelist()[0].split("/")[0]  # torch keeps every record under one folder
+        with archive.open(f"{prefix}/{name}", "w", force_zip64=True) as member:
+            torch.save(obj, member)
+
+
+def read_member(path: Path, name: str):
+    """What `add_member` stored as `name` in `path`, or None when it holds no such member."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            found = [n for n in archive.namelist() if n.split("/", 1)[-1] == name]
+            data = archive.read(found[0]) if found else None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False) if data else None
+    except Exception as e:
+        reason = (str(e).splitlines() or [""])[0][:80]
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {reason}) in its member {name}") from None
 
 
 def target_epochs(ckpt: dict, epochs: int) -> int:

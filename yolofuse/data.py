@@ -14,6 +14,8 @@ from ultralytics.data.dataset import YOLODataset
 from ultralytics.data.utils import IMG_FORMATS, get_hash, img2label_paths
 from ultralytics.utils import LOGGER
 
+from yolofuse import replay
+
 RGB_DIR, IR_DIR = "images", "imagesIR"
 SUPPORTED_CHANNELS = {4: "RGB + 1-channel IR", 6: "RGB + 3-channel IR"}
 IR_READ = {4: cv2.IMREAD_GRAYSCALE, 6: cv2.IMREAD_COLOR}  # how IR is decoded for each `channels:` value
@@ -111,6 +113,11 @@ class PairedDataset(YOLODataset):
             if type(t) is RandomHSV:  # stock skips anything but 3 channels; jitter the RGB part instead
                 transforms.transforms[k] = RGBOnlyHSV(hgain=t.hgain, sgain=t.sgain, vgain=t.vgain)
         return transforms
+
+    def __getitem__(self, key):
+        # The train loader passes replay.SampleKey: seeded augmentation, mosaic partners from the sample's own batch.
+        with replay.sample(self, key) as index:
+            return super().__getitem__(index)
 
     def pair_cache_file(self, i: int) -> Path:
         # Own suffix per channel count: never read or overwritten by a stock RGB cache (x.npy).

@@ -3,6 +3,7 @@
 import shutil
 from contextlib import contextmanager
 from copy import copy
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import ultralytics
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER, RANK, colorstr
-from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
+from ultralytics.utils.torch_utils import unwrap_model
 
 from yolofuse import checkpoint, replay
 from yolofuse.data import PairedDataset, check_dataset, load_pair
@@ -76,8 +77,14 @@ class FuseTrainer(DetectionTrainer):
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
         if mode == "train":
-            replay.use_epoch_shuffle(loader, self.args.seed)
+            replay.use_epoch_keys(loader, self.args.seed)
+            replay.set_next_epoch(loader, self.start_epoch)  # a loader rebuilt mid-run (OOM retry) starts there
         return loader
+
+    def _close_dataloader_mosaic(self):
+        super()._close_dataloader_mosaic()
+        # Stock resets the loader next: with workers, the pass they began for this epoch is dropped and started again.
+        replay.set_next_epoch(self.train_loader, self.epoch)
 
     def get_validator(self):
         return FuseValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
@@ -94,54 +101,70 @@ class FuseTrainer(DetectionTrainer):
             self.args.epochs = wanted
 
     def resume_training(self, ckpt):
+        """Stock resume, then the exact-resume state stored beside stock's in last.pt (see `replay`)."""
+        self.accumulation = replay.Accumulation()
+        if RANK in {-1, 0}:  # a kill between a staged write and its commit leaves the staged file behind
+            for path in (self.last, self.best):
+                checkpoint.staged(path).unlink(missing_ok=True)
         super().resume_training(ckpt)
         if ckpt is None or not self.resume:
             return
-        if replay.RESUME_KEY in ckpt:
-            replay.restore(self, ckpt[replay.RESUME_KEY], self.start_epoch)
+        state = checkpoint.read_member(Path(self.args.resume), replay.RESUME_MEMBER)
+        if state is not None:
+            replay.restore(self, state, self.start_epoch)
         else:
             LOGGER.warning(f"{self.args.resume} has no exact-resume state; resuming from its FP16 EMA as stock does")
         checkpoint.trim_results(self.csv, self.start_epoch)
 
+    def preprocess_batch(self, batch):
+        self.accumulation.batch_started(self)
+        return super().preprocess_batch(batch)
+
+    def optimizer_step(self):
+        super().optimizer_step()
+        self.accumulation.stepped(self)
+
     @contextmanager
     def staged_checkpoints(self):
-        """Point stock code at `last.tmp.pt` / `best.tmp.pt`: what it writes in place is committed atomically after."""
+        """Point stock code at `last.tmp.pt` / `best.tmp.pt`, emptied first: what it writes there is committed after.
+
+        A staged file exists afterwards only if this call's stock code wrote it, never one left by a killed save.
+        """
         last, best = self.last, self.best
         self.last, self.best = checkpoint.staged(last), checkpoint.staged(best)
+        for path in (self.last, self.best):
+            path.unlink(missing_ok=True)
         try:
             yield
         finally:
             self.last, self.best = last, best
 
     def save_model(self):
-        """Stock `save_model`, then last.pt gains the exact-resume state and best.pt keeps only inference weights."""
+        """Stock `save_model` into staged files; last.pt gains the exact-resume state as one more zip member.
+
+        best.pt is committed before last.pt: a kill between the two redoes the epoch, which writes the same best.pt.
+        """
         with self.staged_checkpoints():
             saved = super().save_model()
         staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
-        ckpt = torch.load(staged_last, map_location="cpu", weights_only=False)
-        torch.save({**ckpt, replay.RESUME_KEY: replay.capture(self)}, staged_last)
-        checkpoint.commit(staged_last, self.last, keep_previous=True)
-        if staged_best.exists():
-            strip_optimizer(staged_best)
+        checkpoint.add_member(staged_last, replay.RESUME_MEMBER, replay.capture(self))
+        if staged_best.exists():  # a new best
             checkpoint.commit(staged_best, self.best)
+        checkpoint.commit(staged_last, self.last, keep_previous=True)
         return saved
 
     def final_eval(self):
         """Stock `final_eval` strips last.pt and best.pt in place and validates best; do it on staged copies."""
         if RANK not in {-1, 0}:
             return super().final_eval()  # only rank 0 touches the run folder
-        staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
-        if self.last.exists():
-            ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
-            ckpt.pop(replay.RESUME_KEY, None)  # a finished run cannot resume
-            torch.save(ckpt, staged_last)
-        if self.best.exists():
-            shutil.copyfile(self.best, staged_best)
         with self.staged_checkpoints():
+            for path, staged in ((self.last, checkpoint.staged(self.last)), (self.best, checkpoint.staged(self.best))):
+                if path.exists():
+                    shutil.copyfile(path, staged)  # stock's strip re-saves it without the exact-resume member
             super().final_eval()
-        for staged, path in ((staged_last, self.last), (staged_best, self.best)):
-            if staged.exists():
-                checkpoint.commit(staged, path)
+        for path in (self.last, self.best):
+            if checkpoint.staged(path).exists():
+                checkpoint.commit(checkpoint.staged(path), path)
         checkpoint.previous_of(self.last).unlink(missing_ok=True)  # a finished run has nothing to fall back to
 
 

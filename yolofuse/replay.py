@@ -1,48 +1,183 @@
-"""Exact resume: the training state stock checkpoints leave out, so a resumed run replays the uninterrupted one.
+"""Exact resume: what a run killed and re-run needs to replay the uninterrupted run bit for bit.
 
-Stock `last.pt` holds an FP16 EMA (the live model is rebuilt from it), FP16 optimizer moments, no RNG state, and
-the train loader reshuffles from a constant seed. `capture` stores, under one extra key of `last.pt`, the FP32 live
-weights, FP32 EMA, FP32 optimizer state, the Python / NumPy / torch RNG states and the mosaic buffer; the shuffle
-order comes from `EpochShuffle`, a pure function of (seed, epoch). `restore` puts all of it back.
+Three parts:
+- Samples. The train sampler hands the dataset a `SampleKey`: the image, a seed that is a pure function of
+  (run seed, epoch, image), and the image's batch. The dataset augments it under that seed, with the process's own
+  RNG saved and put back, and Mosaic draws its partners from that batch only. So a sample's augmentation never depends
+  on which worker loads it, on how many workers there are, or on whether they were restarted.
+- Gradient accumulation. `Accumulation` keeps the batch index of the last optimizer step, which stock keeps in a
+  local variable, and carries the open window's gradients across a resume.
+- The rest of the state stock `last.pt` leaves out (`capture` / `restore`): FP32 live weights, FP32 EMA, FP32
+  optimizer moments and the Python / NumPy / torch / CUDA RNG states. `checkpoint.add_member` stores it as one more
+  member of `last.pt`'s zip, next to stock's untouched bytes.
 """
 
 import random
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import RandomSampler, Sampler
 from ultralytics.utils.torch_utils import unwrap_model
 
-RESUME_KEY = "resume_state"
+RESUME_MEMBER = "yolofuse_resume_state.pt"  # the extra member of last.pt's zip (torch.load ignores it)
+
+
+class SampleKey(NamedTuple):
+    """What the train sampler passes to `PairedDataset.__getitem__` instead of a bare index."""
+
+    index: int  # the image
+    seed: int  # seeds its augmentation: a function of (run seed, epoch, index) only
+    batch: tuple[int, ...]  # the images of its batch, in order: its mosaic partners come from these
 
 
 class EpochShuffle(Sampler):
-    """Random order seeded by (seed, pass number): one pass per epoch, so epoch E's order is known after a restart.
+    """A random order that is a pure function of (seed, epoch), like DistributedSampler's, for one process.
 
     (A stock `RandomSampler` draws from a generator whose position a fresh process cannot reproduce.)
     """
 
     def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.passes = n, seed, 0
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.passes))
-        self.passes += 1
-        return iter(order.tolist())
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class EpochKeys(Sampler):
+    """One pass of `order` per epoch, as `SampleKey`s; `epoch` is the epoch of the next pass.
+
+    The pass sets the order's epoch itself, when it starts: a loader with workers starts the next pass while the
+    trainer is still in this epoch, before stock would call `set_epoch`.
+    """
+
+    def __init__(self, order, n_images: int, batch_size: int, seed: int):
+        self.order, self.n_images, self.batch_size, self.seed, self.epoch = order, n_images, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if hasattr(self.order, "set_epoch"):
+            self.order.set_epoch(epoch)
+        indices = list(self.order)
+        seeds = np.random.default_rng([self.seed, epoch]).integers(2**63, size=self.n_images)
+        for start in range(0, len(indices), self.batch_size):
+            batch = tuple(indices[start : start + self.batch_size])  # as the loader's BatchSampler cuts it
+            for i in batch:
+                yield SampleKey(i, int(seeds[i]), batch)
 
 
 def _batch_sampler(loader):
     return loader.batch_sampler.sampler  # InfiniteDataLoader wraps its BatchSampler in a _RepeatSampler
 
 
-def use_epoch_shuffle(loader, seed: int) -> None:
-    """Swap the shuffling sampler inside an Ultralytics train loader (single process; DDP samplers are per-epoch)."""
+def use_epoch_keys(loader, seed: int) -> None:
+    """Make an Ultralytics train loader yield `SampleKey`s (its RandomSampler becomes an `EpochShuffle`)."""
     batch_sampler = _batch_sampler(loader)
-    if isinstance(batch_sampler.sampler, RandomSampler):
-        batch_sampler.sampler = EpochShuffle(len(batch_sampler.sampler), seed)
+    order = batch_sampler.sampler
+    if isinstance(order, RandomSampler):
+        order = EpochShuffle(len(order), seed)
+    batch_sampler.sampler = EpochKeys(order, len(loader.dataset), batch_sampler.batch_size, seed)
+
+
+def set_next_epoch(loader, epoch: int) -> None:
+    """The loader's next fresh pass is `epoch` (after a resume, or when a reset drops a pass its workers began)."""
+    keys = _batch_sampler(loader).sampler
+    if isinstance(keys, EpochKeys):
+        keys.epoch = epoch
+
+
+@contextmanager
+def sample(dataset, key):
+    """Load one sample of `dataset`: a bare index as stock does; a `SampleKey` seeded and with its batch as partners.
+
+    The calling process's RNG states are saved and put back, so with no workers the trainer's own random streams are
+    the same as with workers.
+    """
+    if not isinstance(key, SampleKey):
+        yield key
+        return
+    if key.index == key.batch[0] or getattr(dataset, "mosaic_batch", None) != key.batch:  # a batch starts
+        _hold_batch(dataset, key.batch)
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(key.seed)
+    np.random.seed(key.seed % 2**32)
+    torch.default_generator.manual_seed(key.seed)  # the CPU generator only: CUDA streams belong to the trainer
+    try:
+        yield key.index
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _hold_batch(dataset, batch: tuple[int, ...]) -> None:
+    """Make the mosaic buffer exactly this batch: drop the images held for the previous one, load these in order.
+
+    Stock Mosaic draws partners from `dataset.buffer`, the images this process loaded last, which depends on the
+    worker. One worker loads a whole batch, so holding the batch costs no decode the batch would not do anyway.
+    """
+    for j in dataset.buffer:  # empty with a RAM cache, where `ims` holds every image and Mosaic draws from all
+        dataset.ims[j] = dataset.im_hw0[j] = dataset.im_hw[j] = None
+    dataset.buffer.clear()
+    dataset.mosaic_batch = batch
+    for j in batch:
+        dataset.load_image(j)  # appends j to dataset.buffer
+
+
+class Accumulation:
+    """Where the run stands in its gradient-accumulation window, so a resumed run steps at the same batches.
+
+    Stock `_do_train` steps when `ni - last_opt_step >= trainer.accumulate`, where `ni` is the batch index over the
+    run and `last_opt_step` a local variable that starts at -1: after a resume it would step at the first batch, on
+    that batch's gradient alone. This counts `ni` and the last step; a checkpoint saves them with the open window's
+    gradients. After a resume, the first batch gets the gradients back, and until the first step `trainer.accumulate`
+    is raised by `last_step + 1`, so that stock's test against -1 gives the answer it gives in the uninterrupted run.
+    During warm-up stock rewrites `trainer.accumulate` before each batch, so the nominal value is read again then.
+    """
+
+    def __init__(self):
+        self.epoch, self.ni, self.last_step = None, -1, -1
+        self.grads = None  # the saved open window, put back at the first batch after a resume
+        self.offset = 0  # added to trainer.accumulate until the first step after a resume
+        self.nominal = None  # trainer.accumulate as stock means it, while it is raised
+
+    def state(self, model) -> dict:
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return {"last_step": self.last_step, "grads": grads}
+
+    def load(self, state: dict) -> None:
+        self.last_step, self.grads, self.offset = state["last_step"], state["grads"], state["last_step"] + 1
+
+    def batch_started(self, trainer) -> None:
+        nb = len(trainer.train_loader)
+        self.ni = trainer.epoch * nb if trainer.epoch != self.epoch else self.ni + 1
+        self.epoch = trainer.epoch
+        if self.grads is not None:
+            params = dict(unwrap_model(trainer.model).named_parameters())
+            for name, grad in self.grads.items():
+                params[name].grad = grad.to(params[name].device)
+            self.grads, self.nominal = None, trainer.accumulate
+        if self.offset:
+            warmup = trainer._get_warmup_iterations(nb)
+            if warmup and self.ni <= warmup:  # stock has just set this batch's value
+                self.nominal = trainer.accumulate
+            trainer.accumulate = self.nominal + self.offset
+
+    def stepped(self, trainer) -> None:
+        self.last_step = self.ni
+        if self.offset:
+            trainer.accumulate, self.offset = self.nominal, 0
 
 
 def capture(trainer) -> dict:
@@ -50,12 +185,13 @@ def capture(trainer) -> dict:
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    model = unwrap_model(trainer.model)
     return {
-        "model": unwrap_model(trainer.model).state_dict(),  # FP32 live weights (stock keeps only the FP16 EMA)
+        "model": model.state_dict(),  # FP32 live weights (stock keeps only the FP16 EMA)
         "ema": trainer.ema.ema.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),  # FP32 moments (stock converts them to FP16)
+        "accumulation": trainer.accumulation.state(model),
         "rng": rng,
-        "mosaic_buffer": list(getattr(trainer.train_loader.dataset, "buffer", [])),
     }
 
 
@@ -66,14 +202,8 @@ def restore(trainer, state: dict, start_epoch: int) -> None:
     for saved, group in zip(state["optimizer"]["param_groups"], trainer.optimizer.param_groups):
         saved["fused"] = group.get("fused")  # the runtime device picks the kernel, as in stock resume
     trainer.optimizer.load_state_dict(state["optimizer"])
-    sampler = _batch_sampler(trainer.train_loader).sampler
-    if isinstance(sampler, EpochShuffle):
-        sampler.passes = start_epoch
-    dataset = trainer.train_loader.dataset
-    if hasattr(dataset, "buffer"):  # mosaic draws partners from recently loaded images; reload them in order
-        dataset.buffer.clear()
-        for i in state["mosaic_buffer"]:
-            dataset.load_image(i)
+    trainer.accumulation.load(state["accumulation"])
+    set_next_epoch(trainer.train_loader, start_epoch)
     if trainer.world_size > 1:
         return  # DDP ranks keep their own seeds: the saved streams are rank 0's
     rng = state["rng"]
