@@ -6,7 +6,7 @@ Used by test_train_dual.py as a subprocess; with no KILLER_* variable set it beh
 
 KILLER_RECORD=<file>
     After FuseTrainer.resume_training, save the resumed trainer's start epoch, optimizer state, best fitness,
-    early-stopping state, EMA update count and LR scheduler position there.
+    early-stopping state and EMA update count there.
 KILLER_COMMIT=<mode>:<n>
     On the n-th commit of last.pt in this process, SIGKILL this process in the middle of it. <mode>:
       truncated  the staged file is cut to half its bytes (a write torn by the kill), nothing renamed yet;
@@ -14,8 +14,9 @@ KILLER_COMMIT=<mode>:<n>
 KILLER_AFTER_SAVE=<n>
     SIGKILL this process right after the checkpoint of epoch n (1-based) is committed, before the final strip.
 KILLER_LOG=<file>
-    Append "step <unix time>" at the first training batch and "saved <epoch> <seconds>" after each durable save
-    (used by bench/bench_resume.py to time start-up and to know what was saved before a kill).
+    Append "step <unix time>" at the first training batch, "saving <epoch>" when a checkpoint save begins and
+    "saved <epoch> <seconds>" when it is durable (used by bench/bench_resume.py to time start-up, to know what was
+    saved before a kill, and whether the kill landed inside a checkpoint write).
 KILLER_PAUSE_EPOCH=<k>  (with KILLER_READY=<file>, optional KILLER_GO=<file>)
     After the first optimizer step of 0-based epoch k: create KILLER_READY, then wait (for a signal from the test,
     or until KILLER_GO exists, then go on training normally). Gives a test a known mid-epoch instant to act at.
@@ -53,7 +54,6 @@ def install_record(path: str) -> None:
             "best_fitness": self.best_fitness,
             "stopper": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch},
             "ema_updates": self.ema.updates,
-            "scheduler_last_epoch": self.scheduler.last_epoch,
         }
         torch.save(state, path)
 
@@ -95,6 +95,9 @@ def install_after_save(n: int, log: str | None) -> None:
 
     def save_model(self):
         t = time.perf_counter()
+        if log:
+            with open(log, "a") as f:
+                f.write(f"saving {self.epoch}\n")
         saved = original(self)
         if log:
             with open(log, "a") as f:

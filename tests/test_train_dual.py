@@ -14,13 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from conftest import killer_cmd, make_dataset, run_train_dual, train_dual_cmd
 
 import yolofuse  # noqa: F401  (registers the fusion layer, so checkpoints load in this process)
-from yolofuse import checkpoint
+from yolofuse import checkpoint, replay
 from yolofuse.lock import LOCK_NAME, is_locked
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -149,6 +150,12 @@ def settings_of(runs: Path, data: Path, epochs: int) -> tuple[str, ...]:
     return f"RUNS_DIR={runs}", f"DATA={data}", f"EPOCHS={epochs}"
 
 
+def lr_columns(run: Path) -> pd.DataFrame:
+    """The epoch and lr/pg* columns of run/results.csv: the LR schedule as the run followed it."""
+    df = pd.read_csv(run / "results.csv")
+    return df[["epoch", *(c for c in df.columns if c.startswith("lr/"))]]
+
+
 def assert_same_optimizer_state(saved: dict, resumed: dict, exact: bool) -> None:
     """The resumed optimizer holds the saved state. Stock checkpoints keep some moments in FP16: with `exact` False
     the resumed tensors are compared after conversion to the saved dtype (atol 0), with `exact` True as they are."""
@@ -199,6 +206,19 @@ def killed_run(tmp_path_factory):
     return runs, data, snapshot(runs)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_lr(tmp_path_factory) -> pd.DataFrame:
+    """lr_columns of a 5-epoch run trained straight through, on the same-size dataset as the other runs here.
+
+    The LR depends only on the schedule (epochs, batches per epoch, warm-up), not on the weights. With 2 batches per
+    epoch, warm-up ends in epoch 4: epoch 5's LR is the scheduler's alone, so it shows where the scheduler stands.
+    """
+    base = tmp_path_factory.mktemp("uninterrupted")
+    data = make_dataset(base / "data")
+    assert_ok(run_train_dual(*settings_of(base / "runs", data, 5)))
+    return lr_columns(base / "runs")
+
+
 def copy_of(killed_run, dst: Path) -> tuple[Path, Path]:
     runs, data, _ = killed_run
     shutil.copytree(runs, dst, symlinks=True)
@@ -209,9 +229,9 @@ def copy_of(killed_run, dst: Path) -> tuple[Path, Path]:
 # 1. SIGKILL mid-epoch, re-run: next epoch, same optimizer state; 6b. the dead process's lock file never blocks
 
 
-def test_sigkill_mid_epoch_then_rerun_continues_with_saved_optimizer_state(tmp_path, tiny_data):
+def test_sigkill_mid_epoch_then_rerun_continues_with_saved_optimizer_state(tmp_path, tiny_data, uninterrupted_lr):
     runs = tmp_path / "runs"
-    settings = settings_of(runs, tiny_data, 4)
+    settings = settings_of(runs, tiny_data, 5)
     launch = Launch(train_dual_cmd(*settings), tmp_path, "first")
     launch.wait_until(lambda: len(csv_epochs(runs, partial=True)) >= 2, "2 epochs in results.csv")
     launch.kill()
@@ -221,8 +241,11 @@ def test_sigkill_mid_epoch_then_rerun_continues_with_saved_optimizer_state(tmp_p
     assert lock.read_text().strip() == str(launch.proc.pid)
     assert not is_locked(runs), "the lock of a SIGKILLed process is still held"
 
-    saved = load_ckpt(runs / "weights" / "last.pt")
-    assert saved["optimizer"] is not None and 0 <= saved["epoch"] < 3, saved["epoch"]
+    last = runs / "weights" / "last.pt"
+    saved = load_ckpt(last)
+    assert saved["optimizer"] is not None and 0 <= saved["epoch"] < 4, saved["epoch"]
+    exact = checkpoint.read_member(last, replay.RESUME_MEMBER)
+    assert exact is not None, "last.pt holds no exact-resume state"
 
     record = tmp_path / "resumed.pt"
     res = run_killer(*settings, KILLER_RECORD=str(record))
@@ -232,15 +255,13 @@ def test_sigkill_mid_epoch_then_rerun_continues_with_saved_optimizer_state(tmp_p
     resumed = torch.load(record, weights_only=False)
     assert resumed["start_epoch"] == saved["epoch"] + 1
     assert_same_optimizer_state(saved["optimizer"], resumed["optimizer"], exact=False)  # the stock FP16 copy
-    fp32 = (saved.get("resume_state") or {}).get("optimizer")  # the launcher's exact-resume copy, when it keeps one
-    if fp32 is not None:
-        assert_same_optimizer_state(fp32, resumed["optimizer"], exact=True)
-    # The rest of the training state: best fitness, early stopping, EMA, LR schedule position.
+    assert_same_optimizer_state(exact["optimizer"], resumed["optimizer"], exact=True)  # the launcher's FP32 copy
+    # The rest of the training state: best fitness, early stopping, EMA, and the LR schedule the run followed.
     assert resumed["best_fitness"] == saved["best_fitness"] and resumed["stopper"] == saved["stopper"]
     assert resumed["ema_updates"] == saved["updates"] > 0
-    assert resumed["scheduler_last_epoch"] == resumed["start_epoch"] - 1  # the next step() lands on start_epoch
-    assert csv_epochs(runs) == [1, 2, 3, 4]
-    assert load_ckpt(runs / "weights" / "last.pt")["train_args"]["epochs"] == 4
+    assert csv_epochs(runs) == [1, 2, 3, 4, 5]
+    pd.testing.assert_frame_equal(lr_columns(runs), uninterrupted_lr, check_exact=True)
+    assert load_ckpt(last)["train_args"]["epochs"] == 5
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -259,8 +280,10 @@ def test_kill_inside_checkpoint_write_leaves_resumable_run(tmp_path, tiny_data):
     torn = run_killer(*settings, KILLER_COMMIT="truncated:2")
     assert torn.returncode == -signal.SIGKILL, tail(torn)
     assert load_ckpt(last)["epoch"] == 0  # the whole old checkpoint, untouched by the torn write
-    with pytest.raises(Exception):
-        load_ckpt(checkpoint.staged(last))  # the staged epoch-2 file really is torn
+    staged = checkpoint.staged(last)  # the epoch-2 file, torn: half as long as a whole one
+    assert staged.is_file() and staged.stat().st_size < 0.6 * last.stat().st_size
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.load(staged)
     assert csv_epochs(runs, partial=True) == [1, 2]  # epoch 2's row is written before its checkpoint
 
     linked = run_killer(*settings, KILLER_COMMIT="linked:1")
@@ -344,14 +367,17 @@ def test_finished_run_is_archived_and_an_interrupted_archive_is_completed(tmp_pa
 # 5. Raising EPOCHS extends an unfinished run
 
 
-def test_raising_epochs_extends_the_run(tmp_path, killed_run):
+def test_raising_epochs_extends_the_run(tmp_path, killed_run, uninterrupted_lr):
     runs, data = copy_of(killed_run, tmp_path / "runs")
     res = run_train_dual(*settings_of(runs, data, 5))
     assert_ok(res)
     assert "Unfinished run" in res.stdout, tail(res)
-    assert re.search(r"extend", res.stdout + res.stderr, re.IGNORECASE), tail(res)
     assert csv_epochs(runs) == [1, 2, 3, 4, 5]
     assert load_ckpt(runs / "weights" / "last.pt")["train_args"]["epochs"] == 5
+    # Epochs 1-2 followed the 3-epoch schedule; from epoch 3 on, the LR is that of a run planned for 5 epochs.
+    extended = lr_columns(runs)
+    assert not extended[:2].equals(uninterrupted_lr[:2])
+    pd.testing.assert_frame_equal(extended[2:], uninterrupted_lr[2:], check_exact=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -409,15 +435,17 @@ def test_copied_run_folder_resumes_in_the_copy(tmp_path, killed_run):
 
 
 def test_sigterm_and_sigint_end_cleanly_and_resumably(tmp_path, tiny_data):
-    runs = tmp_path / "runs"
+    runs, ready = tmp_path / "runs", tmp_path / "ready"
     settings = settings_of(runs, tiny_data, 4)
     last = runs / "weights" / "last.pt"
 
-    term = Launch(train_dual_cmd(*settings), tmp_path, "term")
-    term.wait_until(lambda: last.exists() and csv_epochs(runs, partial=True), "the first saved epoch")
+    # SIGTERM in the middle of epoch 2 (after its first optimizer step): last.pt holds epoch 1, the last completed.
+    term = Launch(killer_cmd(*settings), tmp_path, "term", KILLER_PAUSE_EPOCH="1", KILLER_READY=str(ready))
+    term.wait_until(ready.exists, "the pause in the 2nd epoch")
     assert term.signal(signal.SIGTERM) == 130, term.tail()
     assert "Traceback" not in term.stderr, term.tail()
     assert re.search(r"python train_dual\.py.* again", term.stderr), term.tail()
+    assert load_ckpt(last)["epoch"] == 0 and csv_epochs(runs) == [1]
     assert load_ckpt(last)["optimizer"] is not None
     assert checkpoint.probe(last, 4).state == "unfinished"
 

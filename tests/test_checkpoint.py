@@ -1,0 +1,58 @@
+"""FuseTrainer.save_model on a trainer trained in this process: what it commits, and what it never commits."""
+
+import hashlib
+import shutil
+import zipfile
+
+import pytest
+import torch
+from conftest import ROOT, make_dataset
+from ultralytics.nn.tasks import load_checkpoint
+
+from yolofuse import checkpoint, replay
+from yolofuse.engine import FuseTrainer
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """A FuseTrainer after a finished 2-epoch run (its model, optimizer and EMA still in memory)."""
+    base = tmp_path_factory.mktemp("trained")
+    data = make_dataset(base / "data")
+    settings = dict(model=str(ROOT / "yolov8n-fuse.yaml"), data=str(data), epochs=2, imgsz=64, batch=4, nbs=16)
+    trainer = FuseTrainer(overrides={**settings, "device": "cpu", "plots": False, "save_dir": str(base / "run")})
+    trainer.train()
+    return trainer
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_stale_staged_best_never_becomes_best(trainer):
+    """A kill after stock wrote best.tmp.pt, before its commit, leaves it behind; a later save that is not a new best
+    must not commit it."""
+    trainer.save_model()
+    stale = checkpoint.staged(trainer.best)
+    shutil.copyfile(trainer.last, stale)  # a whole checkpoint of an epoch the resumed run discards
+    best = sha(trainer.best)
+    trainer.fitness = trainer.best_fitness - 1  # this epoch is no new best: stock writes no best.tmp.pt
+    trainer.save_model()
+    assert sha(trainer.best) == best, "the stale best.tmp.pt became best.pt"
+    assert not stale.exists()
+
+
+def test_last_is_stock_checkpoint_plus_one_member(trainer):
+    trainer.save_model()
+    last = trainer.last
+    with zipfile.ZipFile(last) as archive:
+        extra = [n for n in archive.namelist() if n.endswith(replay.RESUME_MEMBER)]
+    assert len(extra) == 1
+    _, ckpt = load_checkpoint(last)  # stock Ultralytics loads it as its own
+    assert ckpt["optimizer"] is not None and replay.RESUME_MEMBER not in ckpt
+    state = checkpoint.read_member(last, replay.RESUME_MEMBER)
+    live = trainer.model.state_dict()
+    assert all(torch.equal(state["model"][k], v) for k, v in live.items())
+    assert all(v.dtype != torch.float16 for v in state["model"].values())  # FP32: not stock's FP16 copy again
+    # 2 batches per epoch; warm-up (1 epoch here) ramps accumulation to 4: steps at batch 0 only, so batches 1-3 are
+    # an open window at the end, and their gradients are kept.
+    assert state["accumulation"]["last_step"] == 0 and state["accumulation"]["grads"]
