@@ -49,7 +49,7 @@ def test_last_is_stock_checkpoint_plus_one_member(trainer):
     assert len(extra) == 1
     _, ckpt = load_checkpoint(last)  # stock Ultralytics loads it as its own
     assert ckpt["optimizer"] is not None and replay.RESUME_MEMBER not in ckpt
-    state = checkpoint.read_member(last, replay.RESUME_MEMBER)
+    state = replay.load_state(last)
     live = trainer.model.state_dict()
     assert all(torch.equal(state["model"][k], v) for k, v in live.items())
     assert all(v.dtype != torch.float16 for v in state["model"].values())  # FP32: not stock's FP16 copy again

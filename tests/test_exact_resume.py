@@ -28,19 +28,6 @@ def run(runs_dir, data, kill_after_epoch, *settings):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def tensors(path):
-    """Every tensor the next epoch depends on, by name: stock's FP16 EMA and the FP32 exact-resume state."""
-    ckpt = checkpoint.load(path)
-    state = checkpoint.read_member(path, replay.RESUME_MEMBER)
-    out = {f"ema_fp16.{k}": v for k, v in ckpt["ema"].state_dict().items()}
-    out.update({f"model.{k}": v for k, v in state["model"].items()})
-    out.update({f"ema.{k}": v for k, v in state["ema"].items()})
-    out.update({f"grad.{k}": v for k, v in state["accumulation"]["grads"].items()})
-    for i, moments in state["optimizer"]["state"].items():
-        out.update({f"optimizer.{i}.{k}": v for k, v in moments.items() if torch.is_tensor(v)})
-    return out
-
-
 def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *settings):
     # Both runs stop right after the last epoch's checkpoint, before the final strip, to compare full FP32 state.
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
@@ -54,7 +41,7 @@ def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *
 
     last = interrupted / "weights" / "last.pt"
     assert load_checkpoint(last)[1]["epoch"] == epochs - 1  # stock Ultralytics still loads it, extra member and all
-    a, b = (tensors(d / "weights" / "last.pt") for d in (straight, interrupted))
+    a, b = (replay.saved_tensors(d / "weights" / "last.pt") for d in (straight, interrupted))
     assert a.keys() == b.keys() and len(a) > 1000
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

@@ -244,7 +244,7 @@ def test_sigkill_mid_epoch_then_rerun_continues_with_saved_optimizer_state(tmp_p
     last = runs / "weights" / "last.pt"
     saved = load_ckpt(last)
     assert saved["optimizer"] is not None and 0 <= saved["epoch"] < 4, saved["epoch"]
-    exact = checkpoint.read_member(last, replay.RESUME_MEMBER)
+    exact = replay.load_state(last)
     assert exact is not None, "last.pt holds no exact-resume state"
 
     record = tmp_path / "resumed.pt"

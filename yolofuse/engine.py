@@ -109,7 +109,7 @@ class FuseTrainer(DetectionTrainer):
         super().resume_training(ckpt)
         if ckpt is None or not self.resume:
             return
-        state = checkpoint.read_member(Path(self.args.resume), replay.RESUME_MEMBER)
+        state = replay.load_state(Path(self.args.resume))
         if state is not None:
             replay.restore(self, state, self.start_epoch)
         else:

@@ -12,6 +12,7 @@ Three parts:
   member of `last.pt`'s zip, next to stock's untouched bytes.
 """
 
+import math
 import random
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import RandomSampler, Sampler
 from ultralytics.utils.torch_utils import unwrap_model
+
+from yolofuse import checkpoint
 
 RESUME_MEMBER = "yolofuse_resume_state.pt"  # the extra member of last.pt's zip (torch.load ignores it)
 
@@ -165,8 +168,8 @@ class Accumulation:
         self.epoch = trainer.epoch
         if self.grads is not None:
             params = dict(unwrap_model(trainer.model).named_parameters())
-            for name, grad in self.grads.items():
-                params[name].grad = grad.to(params[name].device)
+            for name, grad in self.grads.items():  # in the parameter's own memory layout, as backward makes it
+                params[name].grad = torch.empty_like(params[name]).copy_(grad)
             self.grads, self.nominal = None, trainer.accumulate
         if self.offset:
             warmup = trainer._get_warmup_iterations(nb)
@@ -180,23 +183,92 @@ class Accumulation:
             trainer.accumulate, self.offset = self.nominal, 0
 
 
+def pack(tensors: dict) -> dict:
+    """`{name: tensor}` as one flat tensor per dtype, plus each tensor's name, dtype and shape, in order.
+
+    torch.save spends more on each of the model's ~2,000 small tensors than on their bytes; a few flat ones cost
+    little more than the bytes (and, on a GPU, one copy to the host instead of thousands).
+    """
+    by_dtype = {}
+    for t in tensors.values():
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    return {
+        "layout": [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()],
+        "flat": {dtype: torch.cat(parts) for dtype, parts in by_dtype.items()},
+    }
+
+
+def unpack(packed: dict) -> dict:
+    """The `{name: tensor}` that `pack` took (contiguous views of its flat tensors)."""
+    offsets = dict.fromkeys(packed["flat"], 0)
+    out = {}
+    for name, dtype, shape in packed["layout"]:
+        n, start = math.prod(shape), offsets[dtype]
+        out[name] = packed["flat"][dtype][start : start + n].view(shape)
+        offsets[dtype] = start + n
+    return out
+
+
 def capture(trainer) -> dict:
-    """Everything beyond the stock checkpoint that the next epoch depends on, at the end of an epoch."""
+    """Everything beyond the stock checkpoint that the next epoch depends on, at the end of an epoch (packed)."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     model = unwrap_model(trainer.model)
+    optimizer = trainer.optimizer.state_dict()  # FP32 moments (stock converts them to FP16)
+    entries = {(i, k): v for i, state in optimizer["state"].items() for k, v in state.items()}
+    accumulation = trainer.accumulation.state(model)
     return {
-        "model": model.state_dict(),  # FP32 live weights (stock keeps only the FP16 EMA)
-        "ema": trainer.ema.ema.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),  # FP32 moments (stock converts them to FP16)
-        "accumulation": trainer.accumulation.state(model),
+        "model": pack(model.state_dict()),  # FP32 live weights (stock keeps only the FP16 EMA)
+        "ema": pack(trainer.ema.ema.state_dict()),
+        "optimizer": {
+            "param_groups": optimizer["param_groups"],
+            "moments": pack({key: v for key, v in entries.items() if torch.is_tensor(v)}),
+            "other": {key: v for key, v in entries.items() if not torch.is_tensor(v)},
+        },
+        "accumulation": {**accumulation, "grads": pack(accumulation["grads"])},
         "rng": rng,
     }
 
 
+def load_state(path) -> dict | None:
+    """The state `capture` stored in the checkpoint at `path`, unpacked; None if it holds none.
+
+    Keys: model and ema (state dicts), optimizer (a state dict), accumulation (last_step, grads by parameter
+    name) and rng.
+    """
+    state = checkpoint.read_member(path, RESUME_MEMBER)
+    if state is None:
+        return None
+    optimizer = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
+    for (i, k), v in (unpack(state["optimizer"]["moments"]) | state["optimizer"]["other"]).items():
+        optimizer["state"].setdefault(i, {})[k] = v
+    return {
+        "model": unpack(state["model"]),
+        "ema": unpack(state["ema"]),
+        "optimizer": optimizer,
+        "accumulation": {**state["accumulation"], "grads": unpack(state["accumulation"]["grads"])},
+        "rng": state["rng"],
+    }
+
+
+def saved_tensors(path) -> dict:
+    """Every tensor of the last.pt at `path` that the next epoch depends on, by name: what "bit-identical" compares.
+
+    Stock's FP16 EMA, and the exact-resume state: FP32 weights, FP32 EMA, optimizer moments, open-window gradients.
+    """
+    state = load_state(path)
+    out = {f"ema_fp16.{k}": v for k, v in checkpoint.load(path)["ema"].state_dict().items()}
+    out.update({f"model.{k}": v for k, v in state["model"].items()})
+    out.update({f"ema.{k}": v for k, v in state["ema"].items()})
+    out.update({f"grad.{k}": v for k, v in state["accumulation"]["grads"].items()})
+    for i, entries in state["optimizer"]["state"].items():
+        out.update({f"optimizer.{i}.{k}": v for k, v in entries.items() if torch.is_tensor(v)})
+    return out
+
+
 def restore(trainer, state: dict, start_epoch: int) -> None:
-    """Put the captured state back into a trainer whose stock resume has just run."""
+    """Put the state from `load_state` back into a trainer whose stock resume has just run."""
     unwrap_model(trainer.model).load_state_dict(state["model"])
     trainer.ema.ema.load_state_dict(state["ema"])
     for saved, group in zip(state["optimizer"]["param_groups"], trainer.optimizer.param_groups):
