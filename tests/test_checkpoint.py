@@ -56,3 +56,32 @@ def test_last_is_stock_checkpoint_plus_one_member(trainer):
     # 2 batches per epoch; warm-up (1 epoch here) ramps accumulation to 4: steps at batch 0 only, so batches 1-3 are
     # an open window at the end, and their gradients are kept.
     assert state["accumulation"]["last_step"] == 0 and state["accumulation"]["grads"]
+
+
+def test_optimizer_state_stock_rounds_is_kept_exact(trainer):
+    """Stock keeps Adam's moments in FP32 but rounds SGD's momentum (and MuSGD's, which `optimizer=auto` picks for
+    long runs) to FP16: the exact-resume member carries those, and only those."""
+    adamw = trainer.optimizer
+    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.01, momentum=0.9)
+    try:
+        trainer.optimizer.step()  # the open window's gradients: every momentum buffer gets values
+        trainer.save_model()
+        live = trainer.optimizer.state_dict()["state"]
+    finally:
+        trainer.optimizer = adamw
+    stock = checkpoint.load(trainer.last)["optimizer"]["state"]
+    assert all(s["momentum_buffer"].dtype == torch.float16 for s in stock.values())  # what stock alone would resume
+    saved = replay.load_state(trainer.last)["optimizer"]["state"]
+    assert saved.keys() == live.keys()
+    assert all(torch.equal(saved[i]["momentum_buffer"], s["momentum_buffer"]) for i, s in live.items())
+
+
+def test_adam_moments_are_not_saved_twice(trainer):
+    trainer.save_model()
+    member = checkpoint.read_member(trainer.last, replay.RESUME_MEMBER)
+    assert member["optimizer"]["layout"] == []  # stock's last.pt already holds AdamW's moments in FP32
+    state = replay.load_state(trainer.last)["optimizer"]["state"]
+    live = trainer.optimizer.state_dict()["state"]
+    assert live and all(
+        torch.equal(state[i][k], v) for i, s in live.items() for k, v in s.items() if torch.is_tensor(v)
+    )

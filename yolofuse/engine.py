@@ -109,7 +109,7 @@ class FuseTrainer(DetectionTrainer):
         super().resume_training(ckpt)
         if ckpt is None or not self.resume:
             return
-        state = replay.load_state(Path(self.args.resume))
+        state = replay.load_state(Path(self.args.resume), ckpt)
         if state is not None:
             replay.restore(self, state, self.start_epoch)
         else:

@@ -7,9 +7,10 @@ Three parts:
   on which worker loads it, on how many workers there are, or on whether they were restarted.
 - Gradient accumulation. `Accumulation` keeps the batch index of the last optimizer step, which stock keeps in a
   local variable, and carries the open window's gradients across a resume.
-- The rest of the state stock `last.pt` leaves out (`capture` / `restore`): FP32 live weights, FP32 EMA, FP32
-  optimizer moments and the Python / NumPy / torch / CUDA RNG states. `checkpoint.add_member` stores it as one more
-  member of `last.pt`'s zip, next to stock's untouched bytes.
+- The rest of the state stock `last.pt` leaves out or rounds (`capture` / `restore`): FP32 live weights, FP32 EMA,
+  the optimizer entries stock rounds to FP16 (SGD's momentum; it keeps Adam's moments in FP32) and the Python /
+  NumPy / torch / CUDA RNG states. `checkpoint.add_member` stores it as one more member of `last.pt`'s zip, next to
+  stock's untouched bytes.
 """
 
 import math
@@ -20,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import RandomSampler, Sampler
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils.torch_utils import convert_optimizer_state_dict_to_fp16, unwrap_model
 
 from yolofuse import checkpoint
 
@@ -209,40 +210,52 @@ def unpack(packed: dict) -> dict:
     return out
 
 
+def rounded_by_stock(optimizer_state: dict) -> list:
+    """The (param index, key) of the optimizer state entries stock's checkpoint rounds to FP16.
+
+    Stock keeps some moments in FP32 (Adam's) and rounds others (SGD's momentum); stock's own converter is asked,
+    on empty stand-ins of the same dtypes, so this follows whatever the installed version does.
+    """
+    dtypes = {(i, k): v.dtype for i, state in optimizer_state["state"].items() for k, v in state.items()}
+    stand_ins = {"state": {}}
+    for (i, k), dtype in dtypes.items():
+        if isinstance(dtype, torch.dtype):
+            stand_ins["state"].setdefault(i, {})[k] = torch.empty(0, dtype=dtype)
+    converted = convert_optimizer_state_dict_to_fp16(stand_ins)["state"]
+    return [(i, k) for i, state in converted.items() for k, v in state.items() if v.dtype != dtypes[i, k]]
+
+
 def capture(trainer) -> dict:
-    """Everything beyond the stock checkpoint that the next epoch depends on, at the end of an epoch (packed)."""
+    """What the next epoch depends on and stock's checkpoint leaves out or rounds, at the end of an epoch (packed)."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     model = unwrap_model(trainer.model)
-    optimizer = trainer.optimizer.state_dict()  # FP32 moments (stock converts them to FP16)
-    entries = {(i, k): v for i, state in optimizer["state"].items() for k, v in state.items()}
+    optimizer = trainer.optimizer.state_dict()
     accumulation = trainer.accumulation.state(model)
     return {
         "model": pack(model.state_dict()),  # FP32 live weights (stock keeps only the FP16 EMA)
         "ema": pack(trainer.ema.ema.state_dict()),
-        "optimizer": {
-            "param_groups": optimizer["param_groups"],
-            "moments": pack({key: v for key, v in entries.items() if torch.is_tensor(v)}),
-            "other": {key: v for key, v in entries.items() if not torch.is_tensor(v)},
-        },
+        "optimizer": pack({(i, k): optimizer["state"][i][k] for i, k in rounded_by_stock(optimizer)}),
         "accumulation": {**accumulation, "grads": pack(accumulation["grads"])},
         "rng": rng,
     }
 
 
-def load_state(path) -> dict | None:
-    """The state `capture` stored in the checkpoint at `path`, unpacked; None if it holds none.
+def load_state(path, ckpt: dict | None = None) -> dict | None:
+    """The exact training state in the checkpoint at `path` (stock's dict `ckpt` if already loaded); None if the
+    checkpoint holds no exact-resume member.
 
-    Keys: model and ema (state dicts), optimizer (a state dict), accumulation (last_step, grads by parameter
-    name) and rng.
+    Keys: model and ema (state dicts), optimizer (stock's state dict with the entries it rounded put back in FP32),
+    accumulation (last_step, grads by parameter name) and rng.
     """
     state = checkpoint.read_member(path, RESUME_MEMBER)
     if state is None:
         return None
-    optimizer = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
-    for (i, k), v in (unpack(state["optimizer"]["moments"]) | state["optimizer"]["other"]).items():
-        optimizer["state"].setdefault(i, {})[k] = v
+    stock = (ckpt or checkpoint.load(path))["optimizer"]
+    optimizer = {"param_groups": stock["param_groups"], "state": {i: dict(s) for i, s in stock["state"].items()}}
+    for (i, k), v in unpack(state["optimizer"]).items():
+        optimizer["state"][i][k] = v
     return {
         "model": unpack(state["model"]),
         "ema": unpack(state["ema"]),
@@ -255,10 +268,11 @@ def load_state(path) -> dict | None:
 def saved_tensors(path) -> dict:
     """Every tensor of the last.pt at `path` that the next epoch depends on, by name: what "bit-identical" compares.
 
-    Stock's FP16 EMA, and the exact-resume state: FP32 weights, FP32 EMA, optimizer moments, open-window gradients.
+    Stock's FP16 EMA, and the exact state: FP32 weights, FP32 EMA, optimizer state, open-window gradients.
     """
-    state = load_state(path)
-    out = {f"ema_fp16.{k}": v for k, v in checkpoint.load(path)["ema"].state_dict().items()}
+    ckpt = checkpoint.load(path)
+    state = load_state(path, ckpt)
+    out = {f"ema_fp16.{k}": v for k, v in ckpt["ema"].state_dict().items()}
     out.update({f"model.{k}": v for k, v in state["model"].items()})
     out.update({f"ema.{k}": v for k, v in state["ema"].items()})
     out.update({f"grad.{k}": v for k, v in state["accumulation"]["grads"].items()})
