@@ -4,8 +4,8 @@
 
 (a) seconds from launch to the first training step, fresh vs resumed; (b) checkpoint write time, durable
 (tmp + fsync + rename + dir fsync) vs stock (Path.write_bytes in place), as a ratio; (c) completed epochs lost
-over KILLS (default 20) SIGKILLs at random instants, each followed by a re-run, and how many of those kills landed
-inside a checkpoint write; (d) what exact resume costs: `save_model` time and `last.pt` size, this trainer
+over KILLS (default 20) SIGKILLs at random instants of training, each followed by a re-run, and how many of those
+kills landed inside a checkpoint write; (d) what exact resume costs: `save_model` time and `last.pt` size, this trainer
 (stock's bytes + the exact-resume member, durable) vs stock Ultralytics' (in place) on the same trained state.
 """
 
@@ -81,15 +81,21 @@ def write_ratio(work: Path, checkpoint_bytes: bytes, repeats: int = 10) -> tuple
 
 
 def kills(work: Path, data: Path, n: int) -> tuple[int, int, int]:
-    """Kill a long run at random instants; each re-run must start right after the last epoch it was told was saved.
+    """Kill a long run at random instants of its training; each re-run must start right after the last epoch it
+    was told was saved.
 
     Returns (completed epochs lost, completed epochs at the end, kills that landed inside a checkpoint write).
     """
     run, log, rng = work / "killed", work / "kills.log", random.Random(0)
     lost_total, saved_before, inside_write = 0, [], 0
     for _ in range(n):
+        started = len(read_log(log, "step"))
         proc = launch(log, f"DATA={data}", f"RUNS_DIR={run}", "EPOCHS=1000")
-        time.sleep(rng.uniform(4.0, 12.0))
+        while len(read_log(log, "step")) == started:  # start-up time varies with the machine's load: not counted
+            if proc.poll() is not None:
+                raise RuntimeError(f"the run ended (exit code {proc.returncode}) before training; run it by hand")
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 8.0))
         proc.kill()
         proc.wait()
         inside_write += log_lines(log)[-1].startswith("saving ")  # a save began and never finished
