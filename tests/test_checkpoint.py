@@ -21,11 +21,22 @@ def trainer(tmp_path_factory):
     settings = dict(model=str(ROOT / "yolov8n-fuse.yaml"), data=str(data), epochs=2, imgsz=64, batch=4, nbs=16)
     trainer = FuseTrainer(overrides={**settings, "device": "cpu", "plots": False, "save_dir": str(base / "run")})
     trainer.train()
+    weights = trainer.wdir
+    trainer.finished_files = {p.name: (checkpoint.load(p), replay.load_state(p)) for p in weights.glob("*.pt")}
     return trainer
 
 
 def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_finished_run_is_stripped_as_stock_strips_it(trainer):
+    """After the last epoch, last.pt and best.pt are stock's stripped files: no optimizer, no exact-resume member."""
+    files = trainer.finished_files
+    assert sorted(files) == ["best.pt", "last.pt"]  # no staged file left, no last.prev.pt
+    for name, (ckpt, exact) in files.items():
+        assert ckpt["optimizer"] is None and ckpt["epoch"] == -1 and exact is None, name
+    assert trainer.metrics["metrics/mAP50(B)"] is not None  # final_eval validated best.pt
 
 
 def test_stale_staged_best_never_becomes_best(trainer):

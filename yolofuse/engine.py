@@ -157,12 +157,13 @@ class FuseTrainer(DetectionTrainer):
         """Stock `final_eval` strips last.pt and best.pt in place and validates best; do it on staged copies."""
         if RANK not in {-1, 0}:
             return super().final_eval()  # only rank 0 touches the run folder
+        paths = self.last, self.best
         with self.staged_checkpoints():
-            for path, staged in ((self.last, checkpoint.staged(self.last)), (self.best, checkpoint.staged(self.best))):
+            for path in paths:
                 if path.exists():
-                    shutil.copyfile(path, staged)  # stock's strip re-saves it without the exact-resume member
+                    shutil.copyfile(path, checkpoint.staged(path))  # stock's strip re-saves it without our member
             super().final_eval()
-        for path in (self.last, self.best):
+        for path in paths:
             if checkpoint.staged(path).exists():
                 checkpoint.commit(checkpoint.staged(path), path)
         checkpoint.previous_of(self.last).unlink(missing_ok=True)  # a finished run has nothing to fall back to
