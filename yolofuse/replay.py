@@ -195,8 +195,14 @@ def pack(tensors: dict) -> dict:
         by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
     return {
         "layout": [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()],
-        "flat": {dtype: torch.cat(parts) for dtype, parts in by_dtype.items()},
+        "flat": {dtype: _concatenate(parts) for dtype, parts in by_dtype.items()},
     }
+
+
+def _concatenate(parts: list) -> torch.Tensor:
+    if parts[0].device.type == "cpu":  # NumPy copies in one thread: torch's threads can stall when the CPU is busy
+        return torch.from_numpy(np.concatenate([t.numpy() for t in parts]))
+    return torch.cat(parts)
 
 
 def unpack(packed: dict) -> dict:
