@@ -82,7 +82,11 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     """
     notes, conflicts = [], []
     trained = ckpt.get("ema") or ckpt.get("model")
-    wanted = yaml.safe_load(resolve(MODEL).read_text())
+    try:
+        wanted = yaml.safe_load(resolve(MODEL).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:  # resuming needs only the checkpoint's own architecture
+        notes.append(f"MODEL {MODEL} can't be read ({type(e).__name__}); resuming with the checkpoint's architecture")
+        wanted = {k: trained.yaml.get(k) for k in ("backbone", "head")}
     if any(trained.yaml.get(k) != wanted.get(k) for k in ("backbone", "head")):
         notes.append(f"MODEL {MODEL} differs from the checkpoint's architecture; resuming with the checkpoint's")
     config = yaml.safe_load(data.read_text()) or {}
@@ -113,10 +117,7 @@ def main() -> int:
             print(f"Finished archiving the previous run into {checkpoint.archive_run(runs_dir)}.")
         found = checkpoint.probe(last, EPOCHS)
         print(found.message)
-        if found.state in ("finished", "corrupt"):
-            print(f"Archived the previous run as {checkpoint.archive_run(runs_dir)}.")
-        elif found.state == "unfinished" and found.checkpoint != last:
-            checkpoint.restore_previous(last)
+        # Decide everything before changing anything: a refusal below leaves the run folder as it was.
         check_dataset(data)
         if found.state == "unfinished":
             notes, conflicts = compare_with_checkpoint(found.ckpt, data)
@@ -124,7 +125,11 @@ def main() -> int:
                 print(f"  {note}")
             if conflicts:
                 fix = f"restore DATA, or start a new experiment by moving {runs_dir / 'weights'} away"
-                raise CheckpointError(f"{last}: {conflicts[0]}; {fix}")
+                raise CheckpointError(f"{found.checkpoint}: {conflicts[0]}; {fix}")
+        if found.state in ("finished", "corrupt"):
+            print(f"Archived the previous run as {checkpoint.archive_run(runs_dir)}.")
+        elif found.state == "unfinished" and found.checkpoint != last:
+            checkpoint.restore_previous(last)
         cleanup.prune(runs_dir, KEEP_LATEST, MAP_WHITELIST, TRASH_HOURS, MIN_FREE_GB)
         settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
         if found.state == "unfinished":
