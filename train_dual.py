@@ -42,6 +42,8 @@ MAP_WHITELIST = 0.8  # ...and every experiment whose best mAP50 is at least this
 CLEANUP_EVERY = 10  # prune old experiments every this many epochs (and at once when the disk is nearly full)
 TRASH_HOURS = 24.0  # pruned experiments wait in RUNS_DIR/.trash this long before they are deleted
 MIN_FREE_GB = 5.0  # below this much free disk, the trash is emptied at once
+ARCHIVE_DIR = None  # a folder (e.g. on a NAS): trash entries are packed there as .tar instead of deleted
+BACKUP_DIR = None  # a folder: best.pt, results.csv, args.yaml of experiments kept for mAP or .keep are copied there
 # ----------------------------------------------------------------------------------------------------------------------
 
 SETTINGS = [name for name in dir() if name.isupper()]
@@ -130,7 +132,11 @@ def main() -> int:
             print(f"Archived the previous run as {checkpoint.archive_run(runs_dir)}.")
         elif found.state == "unfinished" and found.checkpoint != last:
             checkpoint.restore_previous(last)
-        cleanup.prune(runs_dir, KEEP_LATEST, MAP_WHITELIST, TRASH_HOURS, MIN_FREE_GB)
+        archive_dir, backup_dir = (resolve(d) if d else None for d in (ARCHIVE_DIR, BACKUP_DIR))
+        pruning = cleanup.make_callback(
+            runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS, archive_dir, backup_dir
+        )
+        pruning.start_pass()  # before training too; what outlasts its time budget goes on in the background
         settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
         if found.state == "unfinished":
             model = YOLO(str(last))
@@ -139,10 +145,7 @@ def main() -> int:
             model = YOLO(str(resolve(MODEL)))
             settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
             settings.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
-        model.add_callback(
-            "on_fit_epoch_end",
-            cleanup.make_callback(runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS),
-        )
+        model.add_callback("on_fit_epoch_end", pruning)
         model.train(**settings)
         metrics = model.trainer.metrics or {}
         print(
