@@ -123,6 +123,8 @@ def llvip_tree(src: Path) -> Path:
             image(src / "visible" / split / f"{stem}.jpg")
             image(src / "infrared" / split / f"{stem}.jpg", value=160)
     image(src / "visible" / "train" / "010006.jpg")  # no infrared partner
+    write(src / "visible" / "train" / "010008.jpg", "not a JPEG")  # an unreadable frame
+    image(src / "infrared" / "train" / "010008.jpg")
     image(src / "infrared" / "train" / "010007.jpg")  # no visible partner
     ann = src / "Annotations"
     write(ann / "010001.xml", voc_xml("010001.jpg", [("person", 10, 8, 30, 40)]), crlf=True)
@@ -132,6 +134,7 @@ def llvip_tree(src: Path) -> Path:
     # 010005: no annotation at all
     write(ann / "010006.xml", voc_xml("010006.jpg", [("person", 1, 2, 3, 4)]), crlf=True)
     write(ann / "010007.xml", voc_xml("010007.jpg", [("person", 1, 2, 3, 4)]), crlf=True)
+    write(ann / "010008.xml", voc_xml("010008.jpg", [("person", 1, 2, 3, 4)]), crlf=True)
     write(ann / "190001.xml", voc_xml("190001.jpg", [("person", 40, 10, 60, 50)]), crlf=True)
     write(ann / "190002.xml", voc_xml("190002.jpg", [("person", 82, 10, 90, 50)]), crlf=True)  # wholly outside
     return src
@@ -190,6 +193,7 @@ def voc_export(src: Path) -> Path:
         image(src / "ir" / f"{stem}.png", value=140)
         write(src / "Annotations" / f"{stem}.xml", voc_xml(f"{stem}.jpg", objs, folder="rgb"), crlf=stem == "a")
     image(src / "rgb" / "f.jpg")  # not annotated yet
+    image(src / "ir" / "f.png")
     return src
 
 
@@ -289,10 +293,11 @@ def test_llvip_converts_to_the_labels_by_hand_and_trains(tmp_path):
     # The summary: pairs and boxes per split, and each skipped frame named with its reason.
     assert " 4 " in out.splitlines()[2] and out.splitlines()[2].split() == ["train", "4", "3"]
     assert out.splitlines()[3].split() == ["val", "2", "1"]
-    assert "skipped 3 pairs" in out and "hard links" in out
+    assert "skipped 4 pairs" in out and "hard links" in out
     assert f"no IR partner: {src / 'visible/train/010006.jpg'}" in out
     assert f"no RGB partner: {src / 'infrared/train/010007.jpg'}" in out
     assert f"annotation missing: {src / 'visible/train/010005.jpg'}" in out
+    assert f"unreadable image: {src / 'visible/train/010008.jpg'}" in out
     assert "2 cut at the image border" in out and "1 under 1 pixel" in out
 
     # python train_dual.py DATA=DST/data.yaml trains with no other step.
@@ -308,7 +313,7 @@ def test_cli_shows_progress_and_the_table(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Reading" in result.stderr and "Writing" in result.stderr and "100%" in result.stderr  # progress bars
-    assert result.stdout.splitlines()[1].split() == ["split", "pairs", "person"]
+    assert result.stdout.splitlines()[1].split() == ["split", "pairs", "person"], result.stdout  # nothing before
     header = (dst / "data.yaml").read_text().splitlines()[0]
     assert shlex.split(header.removeprefix("# Written by: "))[3:] == ["llvip", str(src), str(dst)]
 
@@ -370,11 +375,11 @@ def test_m3fd_fixed_classes_and_a_stable_hash_split(tmp_path):
     # A pair's split follows its name, not the order: removing other pairs never moves it.
     small = tmp_path / "small"
     m3fd_tree(small)
-    for stem in ("00000", "00003"):
+    for stem in ("00002", "00003"):
         for folder, suffix in (("Vis", "png"), ("Ir", "png"), ("Annotation", "xml")):
             (small / folder / f"{stem}.{suffix}").unlink()
     assert run("m3fd", small, tmp_path / "small-yolo", "--val-fraction", "0.3")[0] == 0
-    assert set(labels(tmp_path / "small-yolo", "val")) == val - {"00000", "00003"}
+    assert set(labels(tmp_path / "small-yolo", "val")) == val - {"00002", "00003"}
     assert train_one_epoch(dst / "data.yaml", tmp_path / "runs")["boxes"] == sum(
         len(t.splitlines()) for t in labels(dst, "train").values()
     )
@@ -469,9 +474,11 @@ def test_rerun_is_idempotent_and_follows_src(tmp_path):
     src, dst = llvip_tree(tmp_path / "LLVIP"), tmp_path / "out"
     assert run("llvip", src, dst)[0] == 0
     first = tree(dst)
+    label_inode = (dst / "labels/train/010001.txt").stat().st_ino
     (dst / "labels" / "train.cache").write_text("left by a training run")
     assert run("llvip", src, dst)[0] == 0
     assert tree(dst) == first  # same files, same labels; the old cache went with the old labels
+    assert (dst / "labels/train/010001.txt").stat().st_ino == label_inode  # unchanged: kept, not rewritten
     assert (dst / "images/train/010001.jpg").stat().st_ino == (src / "visible/train/010001.jpg").stat().st_ino
     assert sorted(p.name for p in dst.iterdir()) == [".yolofuse-prepare", "data.yaml", "images", "imagesIR", "labels"]
 
@@ -575,6 +582,16 @@ def test_class_filter_that_matches_nothing(tmp_path):
     args = ("voc", src, dst, "--rgb", "rgb", "--ir", "ir", "--ann", "Annotations", "--classes", "dog,cat")
     one_line_error(*run(*args), src, "no box has class dog, cat", "car, person", "fix --classes")
     assert not dst.exists()
+
+
+def test_two_frames_with_one_output_name(tmp_path):
+    src = voc_export(tmp_path / "export")
+    for stem in ("x/y", "x_y"):  # both would become x_y
+        image(src / "rgb" / f"{stem}.jpg")
+        image(src / "ir" / f"{stem}.png")
+        write(src / "Annotations" / f"{stem}.xml", voc_xml("y.jpg", []))
+    args = ("voc", src, tmp_path / "out", "--rgb", "rgb", "--ir", "ir", "--ann", "Annotations")
+    one_line_error(*run(*args), src / "rgb/x_y.jpg", src / "rgb/x/y.jpg", "rename one of them")
 
 
 def test_dst_that_prepare_did_not_write_or_inside_src_is_refused(tmp_path):

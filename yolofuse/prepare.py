@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import yaml
 from PIL import Image
 from ultralytics.data.utils import IMG_FORMATS
@@ -336,11 +337,17 @@ SCANNERS["yolo"] = scan_yolo
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the file header, without decoding the pixels; None if it is not a readable image."""
+    """(width, height) from the file header, without decoding the pixels; None if it is not a readable image.
+
+    OpenCV, which the loader reads with, is asked first: that also keeps Ultralytics' patched `Image.open` from
+    trying to install a HEIF plugin, with a log line, for each file Pillow cannot identify.
+    """
+    if not cv2.haveImageReader(str(path)):
+        return None
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, ImportError):
         return None
 
 
@@ -399,6 +406,15 @@ def assign_splits(pairs: list[Pair], val_fraction: float) -> None:
         free[-1].frame.split = "train"
 
 
+def check_names(pairs: list[Pair]) -> None:
+    """Subfolders are flattened into names ('a/b' is 'a_b'), so two frames could get the same one."""
+    seen = {}
+    for p in pairs:
+        other = seen.setdefault((p.frame.split, p.frame.name), p.frame.rgb)
+        if other != p.frame.rgb:
+            raise PrepareError(f"{p.frame.rgb}: gets the output name {p.frame.name} of {other} too; rename one of them")
+
+
 def yolo_lines(pair: Pair, index: dict[str, int], summary: Summary) -> str:
     """The label file: one 'class cx cy w h' line (normalized) per box, cut at the image border."""
     w, h = pair.size
@@ -438,16 +454,22 @@ class Placer:
         shutil.copyfile(src, dst)
 
 
-def write_tree(pairs: list[Pair], names: list[str], root: Path, summary: Summary, copy: bool, progress: bool) -> None:
+def write_tree(pairs: list[Pair], names: list[str], root: Path, previous: Path, summary: Summary, opts) -> None:
+    """The new tree in `root`. A label file equal to the one in the `previous` tree is a hard link to it, so that
+    deleting the previous tree frees no blocks: on some disks that costs milliseconds per file."""
     for split in sorted({p.frame.split for p in pairs}):
         for folder in OUTPUTS:
             (root / folder / split).mkdir(parents=True)
-    place, index = Placer(copy), {name: i for i, name in enumerate(names)}
-    for pair in TQDM(pairs, desc="Writing", file=sys.stderr, disable=not progress):
-        f = pair.frame
+    place, index = Placer(opts.copy), {name: i for i, name in enumerate(names)}
+    for pair in TQDM(pairs, desc="Writing", file=sys.stderr, disable=not opts.progress):
+        f, label = pair.frame, Path(LABEL_DIR, pair.frame.split, f"{pair.frame.name}.txt")
         place(f.rgb, root / RGB_DIR / f.split / f"{f.name}{f.rgb.suffix}")
         place(f.ir, root / IR_DIR / f.split / f"{f.name}{f.ir.suffix}")
-        (root / LABEL_DIR / f.split / f"{f.name}.txt").write_text(yolo_lines(pair, index, summary))
+        text = yolo_lines(pair, index, summary)
+        if (previous / label).is_file() and (previous / label).read_text() == text:
+            os.link(previous / label, root / label)
+        else:
+            (root / label).write_text(text)
         summary.pairs[f.split] += 1
     summary.placed = "copies" if place.copy else "hard links"
 
@@ -509,6 +531,7 @@ def prepare(opts) -> Summary:
     pairs = read_pairs(source, summary, opts.skip_broken, opts.progress)
     summary.names = names = choose_names(pairs, source, split_list(opts.classes) if opts.classes else None, src)
     assign_splits(pairs, opts.val_fraction)
+    check_names(pairs)
     for split in ("train", "val"):
         if not any(p.frame.split == split for p in pairs):
             raise PrepareError(
@@ -520,7 +543,7 @@ def prepare(opts) -> Summary:
     staging = dst / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     try:
-        write_tree(pairs, names, staging, summary, opts.copy, opts.progress)
+        write_tree(pairs, names, staging, dst, summary, opts)
         install(staging, dst, data_yaml(dst, names, opts.channels, opts.command))
     except OSError as e:
         raise PrepareError(
