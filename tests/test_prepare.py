@@ -148,12 +148,15 @@ def kaist_tree(src: Path) -> Path:
             image(src / "images" / set_ / video / "visible" / f"I{k:05d}.jpg")
             image(src / "images" / set_ / video / "lwir" / f"I{k:05d}.jpg", value=170)
     image(src / "images" / "set06" / "V001" / "visible" / "I00000.jpg")  # its lwir frame is missing
+    image(src / "images" / "set01" / "V000" / "visible" / "I00001.jpg")
+    write(src / "images" / "set01" / "V000" / "lwir" / "I00001.jpg", "")  # an empty, unreadable lwir frame
     a = src / "annotations"
     header = "% bbGt version=3\n"
     write(a / "set00/V000/I00000.txt", header + "person 10 8 20 32 0 0 0 0 0 0 0\n", crlf=True)
     write(a / "set00/V000/I00001.txt", header + "person 70 30 20 40 1 70 30 10 20 0 0\ncyclist 1 1 9 9 0 0 0 0 0 0 0\n")
     write(a / "set00/V000/I00002.txt", header)  # a frame without people: only the header
     write(a / "set01/V000/I00000.txt", "")  # an empty file
+    write(a / "set01/V000/I00001.txt", header + "person 10 8 20 32 0 0 0 0 0 0 0\n")
     write(a / "set06/V000/I00000.txt", header + "people 5 5 30 30 0 0 0 0 0 0 0\nperson 40 10 20 40 0 0 0 0 0 0 0\n")
     write(a / "set06/V000/I00001.txt", header + "person? 40 10 20 40 0 0 0 0 0 0 0\n", crlf=True)
     write(a / "set06/V001/I00000.txt", header + "person 40 10 20 40 0 0 0 0 0 0 0\n")
@@ -337,6 +340,7 @@ def test_kaist_bbgt_sets_and_classes(tmp_path):
     assert (dst / "imagesIR/val/set06_V000_I00000.jpg").is_file()
     assert data_of(dst)["names"] == {0: "person"} and data_of(dst)["channels"] == 4
     assert f"no IR partner: {src / 'images/set06/V001/visible/I00000.jpg'}" in out
+    assert f"unreadable image: {src / 'images/set01/V000/lwir/I00001.jpg'}" in out
     assert "3 of other classes (" in out and "people 1" in out and "cyclist 1" in out and "person? 1" in out
     assert snapshot(src) == before
     assert train_one_epoch(dst / "data.yaml", tmp_path / "runs") == {"pairs": 4, "boxes": 2}

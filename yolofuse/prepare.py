@@ -360,7 +360,7 @@ def read_pairs(source: Source, summary: Summary, skip_broken: bool, progress: bo
             summary.skipped.append((NO_ANN, frame.rgb))
         elif (size := image_size(frame.rgb)) is None:
             summary.skipped.append((UNREADABLE, frame.rgb))
-        elif image_size(frame.ir) is None:
+        elif not cv2.haveImageReader(str(frame.ir)):  # its size is not needed, only that it can be read
             summary.skipped.append((UNREADABLE, frame.ir))
         else:
             try:
