@@ -493,6 +493,15 @@ def test_rerun_is_idempotent_and_follows_src(tmp_path):
     assert not (dst / "images/train/010004.jpg").exists() and "010004" not in labels(dst, "train")
 
 
+def test_what_a_killed_run_left_in_staging_is_cleared(tmp_path):
+    src, dst = llvip_tree(tmp_path / "LLVIP"), tmp_path / "out"
+    assert run("llvip", src, dst)[0] == 0
+    first = tree(dst)
+    write(dst / prep.STAGING / "images" / "train" / "010001.jpg", "half a file")  # SIGKILL runs no cleanup
+    assert run("llvip", src, dst)[0] == 0
+    assert tree(dst) == first and not (dst / prep.STAGING).exists()
+
+
 def test_interrupted_first_run_leaves_no_data_yaml(tmp_path, monkeypatch):
     src, dst = llvip_tree(tmp_path / "LLVIP"), tmp_path / "out"
     placed = []
