@@ -36,8 +36,15 @@ LABEL_DIR = "labels"
 OUTPUTS = (RGB_DIR, IR_DIR, LABEL_DIR)  # the folders prepare owns in DST, besides data.yaml
 MARKER = ".yolofuse-prepare"  # in DST: its images/, labels/ and data.yaml were written by prepare and may be replaced
 STAGING = ".prepare-staging"  # in DST: the new tree is built here, then moved into place
-FORMATS = ("llvip", "m3fd", "kaist", "voc", "coco", "yolo")
 GENERIC = {"voc": "ann", "coco": "json", "yolo": "labels"}  # your own export: its annotation option
+OPTIONS = {  # the options each format takes, besides the common ones
+    "llvip": set(),
+    "kaist": set(),
+    "m3fd": {"val_fraction"},
+    "voc": {"rgb", "ir", "ann", "val_fraction"},
+    "coco": {"rgb", "ir", "json", "val_fraction"},
+    "yolo": {"rgb", "ir", "labels", "names", "val_fraction"},
+}
 TITLES = {"llvip": "LLVIP", "m3fd": "M3FD", "kaist": "KAIST", "voc": "VOC", "coco": "COCO", "yolo": "YOLO"}
 FIXED_NAMES = {  # classes of the named datasets, in their authors' order
     "llvip": ["person"],
@@ -328,8 +335,14 @@ def scan_yolo(src: Path, opts) -> Source:
     return Source(frames, lambda frame, w, h: read_yolo(frame.ann, names, w, h), names, skipped)
 
 
-SCANNERS = {"llvip": scan_llvip, "m3fd": scan_m3fd, "kaist": scan_kaist, "voc": scan_voc, "coco": scan_coco}
-SCANNERS["yolo"] = scan_yolo
+SCANNERS = {
+    "llvip": scan_llvip,
+    "m3fd": scan_m3fd,
+    "kaist": scan_kaist,
+    "voc": scan_voc,
+    "coco": scan_coco,
+    "yolo": scan_yolo,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -600,7 +613,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = OneLineParser(prog="python -m yolofuse.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("format", metavar="FORMAT", help=f"one of {', '.join(FORMATS)}")
+    p.add_argument("format", metavar="FORMAT", help=f"one of {', '.join(SCANNERS)}")
     p.add_argument("src", metavar="SRC", help="the dataset as published (or your export); never modified")
     p.add_argument("dst", metavar="DST", help="output folder; gets images/, imagesIR/, labels/ and data.yaml")
     p.add_argument("--rgb", help="voc/coco/yolo: folder of RGB images, inside SRC")
@@ -616,15 +629,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--skip-broken", action="store_true", help="leave out pairs whose annotation cannot be read")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     opts = p.parse_args(argv)
-    if opts.format not in FORMATS:
-        p.error(f"unknown format '{opts.format}'; use one of {', '.join(FORMATS)}")
-    generic = ("rgb", "ir", "ann", "json", "labels", "names")
-    wrong = [f"--{k}" for k in generic if getattr(opts, k) and opts.format not in ("voc", "coco", "yolo")]
-    wrong += [f"--{k}" for k in ("ann", "json", "labels") if getattr(opts, k) and GENERIC.get(opts.format) != k]
-    wrong += ["--names"] if opts.names and opts.format != "yolo" else []
-    wrong += ["--val-fraction"] if opts.val_fraction is not None and opts.format in ("llvip", "kaist") else []
-    if wrong:
-        p.error(f"{wrong[0]} does not apply to {opts.format}")
+    if opts.format not in SCANNERS:
+        p.error(f"unknown format '{opts.format}'; use one of {', '.join(SCANNERS)}")
+    for option in ("rgb", "ir", "ann", "json", "labels", "names", "val_fraction"):
+        if getattr(opts, option) is not None and option not in OPTIONS[opts.format]:
+            p.error(f"--{option.replace('_', '-')} does not apply to {opts.format}")
     opts.val_fraction = 0.2 if opts.val_fraction is None else opts.val_fraction
     if not 0 < opts.val_fraction < 1:
         p.error(f"--val-fraction {opts.val_fraction} must be between 0 and 1")
