@@ -179,25 +179,68 @@ def test_load_pair_three_channel_ir_with_six_channels(tmp_path):
     assert (pair[..., 3] == 30).all() and (pair[..., 4] == 20).all() and (pair[..., 5] == 10).all()
 
 
-@pytest.mark.parametrize("ir_channels, channels, fix", [(3, 4, "channels: 6"), (1, 6, "channels: 4")])
-def test_load_pair_channel_mismatch_names_file(tmp_path, ir_channels, channels, fix):
-    rgb = touch_image(tmp_path / "images" / "train" / "c.jpg", np.zeros((8, 8, 3), np.uint8))
-    ir = touch_image(
-        tmp_path / "imagesIR" / "train" / "c.png", np.zeros((8, 8, 3) if ir_channels == 3 else (8, 8), np.uint8)
+@pytest.mark.parametrize("channels", [4, 6])
+@pytest.mark.parametrize("ir_layers", [1, 3, 4])
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_channels_decide_how_ir_is_read(tmp_path, channels, ir_layers, suffix):
+    """Gray, 3-channel gray (LLVIP) and BGRA IR files all load with either `channels:` value; the values survive."""
+    rgb = touch_image(tmp_path / "images" / "train" / "c.jpg", np.zeros((16, 16, 3), np.uint8))
+    gray = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # a ramp, so a wrong read shows
+    ir = {1: gray, 3: np.dstack([gray] * 3), 4: np.dstack([gray] * 3 + [np.full_like(gray, 255)])}[ir_layers]
+    if suffix == ".jpg" and ir_layers == 4:
+        pytest.skip("JPEG has no alpha")
+    touch_image(tmp_path / "imagesIR" / "train" / f"c{suffix}", ir)
+
+    pair = load_pair(rgb, channels)
+    assert pair.shape == (16, 16, channels) and pair.dtype == np.uint8
+    tolerance = 3 if suffix == ".jpg" else 0
+    for c in range(3, channels):
+        assert np.abs(pair[..., c].astype(int) - gray).max() <= tolerance, f"IR channel {c} is not the stored frame"
+
+
+def test_colour_mapped_ir_is_read_as_gray_with_one_warning(tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(fdata, "_warned", set())
+    monkeypatch.setattr(fdata.LOGGER, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+    root = tmp_path / "d"
+    heat = cv2.applyColorMap(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1)), cv2.COLORMAP_JET)
+    for split in ("train", "val"):
+        for k in range(2):
+            touch_image(root / "images" / split / f"{k}.jpg", np.zeros((32, 32, 3), np.uint8))
+            touch_image(root / "imagesIR" / split / f"{k}.png", heat)
+    data = write_yaml(root, 4)
+
+    pair = load_pair(root / "images" / "train" / "0.jpg", 4)
+    assert pair.shape == (32, 32, 4)
+    luma = cv2.cvtColor(heat, cv2.COLOR_BGR2GRAY).astype(int)
+    assert np.abs(pair[..., 3] - luma).max() <= 2, (
+        "the colour map must become its luma (the decoder rounds its own way)"
     )
+    check_dataset(data)
+    check_dataset(data)
+    assert len(warnings) == 1, warnings
+    assert str(root / "imagesIR" / "train" / "0.png") in warnings[0] and "channels: 6" in warnings[0]
+
+    warnings.clear()
+    monkeypatch.setattr(fdata, "_warned", set())
+    check_dataset(write_yaml(root, 6))  # 6 keeps the colours: nothing to warn about
+    gray_root = tmp_path / "g"  # and 3 equal channels (LLVIP) are no colour map
+    for split in ("train", "val"):
+        touch_image(gray_root / "images" / split / "0.jpg", np.zeros((32, 32, 3), np.uint8))
+        touch_image(
+            gray_root / "imagesIR" / split / "0.jpg", cv2.cvtColor(heat, cv2.COLOR_BGR2GRAY)[..., None] * [1, 1, 1]
+        )
+    check_dataset(write_yaml(gray_root, 4))
+    assert warnings == []
+
+
+@pytest.mark.parametrize("channels", [4, 6])
+def test_load_pair_16_bit_ir_is_an_error(tmp_path, channels):
+    rgb = touch_image(tmp_path / "images" / "train" / "s.jpg", np.zeros((8, 8, 3), np.uint8))
+    ir = touch_image(tmp_path / "imagesIR" / "train" / "s.png", np.full((8, 8), 40000, np.uint16))
     with pytest.raises(DatasetError) as e:
         load_pair(rgb, channels)
-    assert_one_line_error(e, str(ir), "channels", fix)
-
-
-def test_load_pair_rgba_ir_suggests_a_supported_fix(tmp_path):
-    """A 4-channel (BGRA) IR PNG cannot be fixed by 'channels: 7' (unsupported): the message must not suggest it."""
-    rgb = touch_image(tmp_path / "images" / "train" / "f.jpg", np.zeros((8, 8, 3), np.uint8))
-    ir = touch_image(tmp_path / "imagesIR" / "train" / "f.png", np.full((8, 8, 4), 90, np.uint8))
-    with pytest.raises(DatasetError) as e:
-        load_pair(rgb, 4)
-    msg = assert_one_line_error(e, str(ir))
-    assert "channels: 7" not in msg, f"suggests an unsupported channel count: {msg}"
+    assert_one_line_error(e, str(ir), "uint16", "8-bit")
 
 
 def test_load_pair_missing_or_unreadable(tmp_path):
@@ -219,7 +262,7 @@ def test_load_pair_missing_or_unreadable(tmp_path):
 @pytest.mark.parametrize("channels", [4, 6])
 def test_load_pair_resizes_other_size_ir_with_warning(tmp_path, monkeypatch, channels):
     warnings = []
-    monkeypatch.setattr(fdata, "_warned_resize", False)
+    monkeypatch.setattr(fdata, "_warned", set())
     monkeypatch.setattr(fdata.LOGGER, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
     bgr = np.zeros((64, 96, 3), np.uint8)
     bgr[16:48, 24:72] = 255
@@ -482,14 +525,6 @@ def test_check_dataset_config_not_found(tmp_path):
     assert_one_line_error(e, str(tmp_path / "absent.yaml"), "not found")
 
 
-def test_check_dataset_channels_do_not_match_images(demo_copy):
-    demo_copy.write_text(demo_copy.read_text().replace("channels: 4", "channels: 6"))
-    with pytest.raises(DatasetError) as e:
-        check_dataset(demo_copy)
-    msg = assert_one_line_error(e, "channels: 6", "set channels: 4")
-    assert str(demo_copy.parent / "imagesIR" / "train") in msg, msg
-
-
 @pytest.mark.parametrize("channels", [5, 3, "null"])
 def test_check_dataset_unsupported_channels(demo_copy, channels):
     demo_copy.write_text(demo_copy.read_text().replace("channels: 4", f"channels: {channels}"))
@@ -498,16 +533,14 @@ def test_check_dataset_unsupported_channels(demo_copy, channels):
     assert_one_line_error(e, str(demo_copy), "not supported", "4 (", "6 (")
 
 
-def test_check_dataset_three_channel_ir_needs_six(tmp_path):
-    """LLVIP-style data: 3-channel IR frames pass with channels: 6 and are named when the config says 4."""
+def test_check_dataset_accepts_three_channel_ir_with_either_channels(tmp_path):
+    """LLVIP-style data: 3-channel gray IR frames pass with channels: 4 and with channels: 6."""
     root = tmp_path / "llvip"
     for split in ("train", "val"):
         touch_image(root / "images" / split / "1.jpg", np.zeros((32, 32, 3), np.uint8))
         touch_image(root / "imagesIR" / split / "1.jpg", np.zeros((32, 32, 3), np.uint8) + 90)
     check_dataset(write_yaml(root, 6, names=("person",)))
-    with pytest.raises(DatasetError) as e:
-        check_dataset(write_yaml(root, 4, names=("person",)))
-    assert_one_line_error(e, str(root / "imagesIR" / "train" / "1.jpg"), "set channels: 6")
+    check_dataset(write_yaml(root, 4, names=("person",)))
 
 
 def test_every_check_dataset_error_is_one_line(demo_copy):

@@ -16,11 +16,19 @@ from ultralytics.utils import LOGGER
 
 RGB_DIR, IR_DIR = "images", "imagesIR"
 SUPPORTED_CHANNELS = {4: "RGB + 1-channel IR", 6: "RGB + 3-channel IR"}
-_warned_resize = False  # IR frames of another size are resized with a single warning per process
+IR_READ = {4: cv2.IMREAD_GRAYSCALE, 6: cv2.IMREAD_COLOR}  # how IR is decoded for each `channels:` value
+COLOUR_SPREAD = 4  # mean max-min over an IR frame's 3 channels above this: colour-mapped (JPEG noise is ~1)
+_warned = set()  # kinds of warning already given: each is given once per process, not once per frame
 
 
 class DatasetError(ValueError):
     """Bad input found before training: the message is one line naming the file and the fix."""
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        LOGGER.warning(message)
 
 
 def ir_path(rgb_path) -> Path:
@@ -43,35 +51,40 @@ def ir_path(rgb_path) -> Path:
 
 
 def load_pair(rgb_path, channels: int) -> np.ndarray:
-    """Read an RGB image and its IR partner as one H x W x `channels` uint8 array (RGB first, then IR)."""
-    global _warned_resize
+    """Read an RGB image and its IR partner as one H x W x `channels` uint8 array (RGB first, then IR).
+
+    `channels` decides how IR is read, whatever the file holds: 4 decodes it as one gray channel (a 3-channel file
+    is converted to gray), 6 as three channels (a 1-channel file is replicated).
+    """
     rgb = cv2.imread(str(rgb_path), cv2.IMREAD_COLOR)
     if rgb is None:
         raise DatasetError(f"{rgb_path}: RGB image is missing or unreadable; replace it or remove it with its label")
     ir_file = ir_path(rgb_path)
     if not ir_file.is_file():
         raise DatasetError(f"{ir_file.with_suffix('.*')}: IR image for {Path(rgb_path).name} is missing; add it")
-    ir = cv2.imread(str(ir_file), cv2.IMREAD_UNCHANGED)
+    ir = cv2.imread(str(ir_file), IR_READ[channels] | cv2.IMREAD_ANYDEPTH)  # ANYDEPTH: 16-bit is reported, not cut
     if ir is None:
         raise DatasetError(f"{ir_file}: IR image is unreadable; replace it")
     if ir.dtype != np.uint8:
         raise DatasetError(f"{ir_file}: IR image is {ir.dtype}; convert it to 8-bit")
-    ir = ir[..., None] if ir.ndim == 2 else ir[..., 2::-1]  # 3-channel IR in RGB order too
-    if ir.shape[2] not in (1, 3):
-        raise DatasetError(
-            f"{ir_file}: IR image has {ir.shape[2]} channels; save it as 1-channel grayscale or 3-channel"
-        )
-    if 3 + ir.shape[2] != channels:
-        raise DatasetError(
-            f"{ir_file}: IR image has {ir.shape[2]} channel(s) but the data config says channels: {channels}; "
-            f"set channels: {3 + ir.shape[2]} in the data config"
-        )
+    ir = ir[..., None] if ir.ndim == 2 else ir[..., ::-1]  # 3-channel IR in RGB order too
     if ir.shape[:2] != rgb.shape[:2]:
-        if not _warned_resize:
-            LOGGER.warning(f"{ir_file}: IR size {ir.shape[1]}x{ir.shape[0]} differs from RGB; resizing IR frames")
-            _warned_resize = True
+        _warn_once("size", f"{ir_file}: IR size {ir.shape[1]}x{ir.shape[0]} differs from RGB; resizing IR frames")
         ir = cv2.resize(ir, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR).reshape(*rgb.shape[:2], -1)
     return np.concatenate([rgb[..., ::-1], ir], axis=2)  # cv2 reads BGR; the model gets RGB
+
+
+def _warn_if_colour_mapped(ir_file: Path, channels: int) -> None:
+    """With `channels: 4`, a colour-mapped IR file (a false-colour palette, not 3 equal channels) is read as gray."""
+    if channels != 4:
+        return
+    ir = cv2.imread(str(ir_file), cv2.IMREAD_COLOR)
+    if ir is not None and (ir.max(2) - ir.min(2)).mean() > COLOUR_SPREAD:
+        _warn_once(
+            "colour",
+            f"{ir_file}: IR images are colour-mapped; channels: 4 reads them as gray (luma). "
+            f"Use channels: 6 to keep the colours, or store the raw gray frames",
+        )
 
 
 class RGBOnlyHSV(RandomHSV):
@@ -192,4 +205,5 @@ def check_dataset(data_file) -> None:
         for label_file in map(Path, img2label_paths(map(str, images))):
             if label_file.is_file():
                 _check_label_file(label_file, nc)
-        load_pair(images[0], channels)  # channel count and readability, on one pair
+        load_pair(images[0], channels)  # readability, on one pair
+        _warn_if_colour_mapped(ir_path(images[0]), channels)
