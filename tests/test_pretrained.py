@@ -41,14 +41,14 @@ def stock_checkpoint(path: Path, cfg: str = "yolov8n.yaml") -> Path:
     """A freshly built stock model with COCO's class names, saved in Ultralytics' checkpoint format."""
     model = ultralytics.YOLO(cfg)
     generator = torch.Generator().manual_seed(len(str(path)))
-    with torch.no_grad():
+    with torch.no_grad():  # conv weights are random already; BatchNorm and bias tensors start as 0 or 1
         for key, tensor in model.model.state_dict().items():
-            if key.endswith("running_var"):
+            if key.endswith(("bn.weight", "running_var")):
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            elif tensor.is_floating_point():
+            elif key.endswith(("bias", "running_mean")):
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-            else:
-                tensor.fill_(int(torch.randint(1, 1000, (), generator=generator)))
+            elif key.endswith("num_batches_tracked"):
+                tensor.fill_(int(torch.randint(1, 10**6, (), generator=generator)))
     if len(model.model.names) == len(COCO_NAMES):
         model.model.names = dict(COCO_NAMES)
     model.save(path)
