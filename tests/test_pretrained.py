@@ -1,9 +1,9 @@
 """Starting a fused model from a stock single-stream Ultralytics checkpoint (yolofuse.pretrained, WEIGHTS=...).
 
 The stock checkpoints are built here, offline, from Ultralytics' own yamls and saved with Ultralytics' own
-`Model.save`. Every tensor gets distinct random values first, so a comparison can only pass for the right source
-tensor. Where each fused layer should come from is written out below for the project's two yamls. This is the
-expected result, which the module itself derives from the yamls.
+`Model.save`. Their BatchNorm and bias tensors, 0 or 1 in a fresh model, get random values first (conv weights are
+random already), so a comparison can only pass for the right source tensor. Where each fused layer should come from
+is written out below for the project's two yamls: the expected result, which the module derives from the yamls.
 """
 
 import math
@@ -303,6 +303,15 @@ def test_missing_stock_weights_are_downloaded_there_when_online(tmp_path, downlo
         f"{other}: WEIGHTS not found; put an Ultralytics detection checkpoint there (e.g. yolov8n.pt), or fix WEIGHTS"
     )
     assert downloads == [missing]
+
+    def broken(file, *args, **kwargs):
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(pretrained, "attempt_download_asset", broken)  # a failed download: the same one line
+    with pytest.raises(
+        CheckpointError, match=r"yolov8s.pt: WEIGHTS not found \(the download failed: ConnectionError\); "
+    ):
+        pretrained.locate(tmp_path / "yolov8s.pt")
 
 
 # -------------------------------------------------------------------------------------------------------- launcher

@@ -57,11 +57,12 @@ def start_from(model, weights: Path, data: Path) -> str:
 def locate(weights: Path) -> Path:
     """The checkpoint file. A missing stock asset (yolov8n.pt, ...) is downloaded there by Ultralytics' own download,
     only when Ultralytics considers the machine online: never with YOLO_OFFLINE=1, which yolofuse sets by default."""
+    failed = ""
     if not weights.is_file() and weights.name in GITHUB_ASSETS_NAMES and is_online():
         try:
             attempt_download_asset(weights)
         except Exception as e:  # a failed download ends in the one-line message below
-            print(f"Downloading {weights.name} failed ({type(e).__name__}: {e})")
+            failed = f" (the download failed: {type(e).__name__})"
     if weights.is_file():
         return weights
     if weights.name in GITHUB_ASSETS_NAMES:
@@ -71,7 +72,7 @@ def locate(weights: Path) -> Path:
         )
     else:
         where = "put an Ultralytics detection checkpoint there (e.g. yolov8n.pt), or fix WEIGHTS"
-    raise CheckpointError(f"{weights}: WEIGHTS not found; {where}")
+    raise CheckpointError(f"{weights}: WEIGHTS not found{failed}; {where}")
 
 
 @dataclass
