@@ -37,9 +37,12 @@ EARLY_SOURCE = {j: j for j in range(23)}
 DETECT = 22  # the stock model's Detect layer
 
 
-def stock_checkpoint(path: Path, cfg: str = "yolov8n.yaml") -> Path:
+def stock_checkpoint(path: Path, cfg: str = "yolov8n.yaml", channels: int = 3) -> Path:
     """A freshly built stock model with COCO's class names, saved in Ultralytics' checkpoint format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     model = ultralytics.YOLO(cfg)
+    if channels != 3:  # as a model trained on `channels: 1` data is built
+        model.model = type(model.model)(cfg, ch=channels, verbose=False)
     generator = torch.Generator().manual_seed(len(str(path)))
     with torch.no_grad():  # conv weights are random already; BatchNorm and bias tensors start as 0 or 1
         for key, tensor in model.model.state_dict().items():
@@ -70,10 +73,10 @@ def checkpoints(work):
     """name -> checkpoint path, each stock model built once for the module."""
     made = {}
 
-    def get(cfg: str) -> Path:
-        if cfg not in made:
-            made[cfg] = stock_checkpoint(work / cfg.replace(".yaml", ".pt"), cfg)
-        return made[cfg]
+    def get(cfg: str, channels: int = 3) -> Path:
+        if (cfg, channels) not in made:
+            made[cfg, channels] = stock_checkpoint(work / f"{channels}ch" / cfg.replace(".yaml", ".pt"), cfg, channels)
+        return made[cfg, channels]
 
     return get
 
@@ -227,17 +230,18 @@ def test_training_starts_from_the_transferred_weights(model_cfg, channels, check
 
 # ------------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
-    "cfg, says",
+    "cfg, channels, says",
     [
-        ("yolov8n-seg.yaml", "a segment checkpoint (yolov8n-seg.yaml)"),
-        ("yolov8n-pose.yaml", "a pose checkpoint (yolov8n-pose.yaml)"),
-        ("yolov8s.yaml", "scale s (yolov8s.yaml), but MODEL yolov8n-fuse.yaml is scale n"),
-        ("yolo11n.yaml", "its layer 4 is C2f reading -1, the checkpoint's (yolo11n.yaml) layer 2 is C3k2"),
+        ("yolov8n-seg.yaml", 3, "a segment checkpoint (yolov8n-seg.yaml)"),
+        ("yolov8n-pose.yaml", 3, "a pose checkpoint (yolov8n-pose.yaml)"),
+        ("yolov8s.yaml", 3, "scale s (yolov8s.yaml), but MODEL yolov8n-fuse.yaml is scale n"),
+        ("yolo11n.yaml", 3, "its layer 4 is C2f reading -1, the checkpoint's (yolo11n.yaml) layer 2 is C3k2"),
+        ("yolov8n.yaml", 1, "its first conv takes 1 input channel(s); WEIGHTS needs a checkpoint trained on RGB"),
     ],
-    ids=["segment", "pose", "scale", "family"],
+    ids=["segment", "pose", "scale", "family", "gray"],
 )
-def test_mismatched_checkpoint_is_refused_in_one_line(cfg, says, checkpoints, datasets):
-    weights = checkpoints(cfg)
+def test_mismatched_checkpoint_is_refused_in_one_line(cfg, channels, says, checkpoints, datasets):
+    weights = checkpoints(cfg, channels)
     model = yolofuse.YOLO(str(MID))
     built = model.model
     with pytest.raises(CheckpointError) as refused:

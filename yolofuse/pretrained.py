@@ -155,6 +155,11 @@ def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
         )
     src_layers, src_names = list(source.model), source.names
     rgb_filters = _first_conv(src_layers[0]).weight.detach().clone()
+    if rgb_filters.shape[1] != RGB_CHANNELS:
+        raise CheckpointError(
+            f"{weights}: its first conv takes {rgb_filters.shape[1]} input channel(s); WEIGHTS needs a checkpoint "
+            "trained on RGB images (3 channels), like Ultralytics' COCO ones"
+        )
     # The checkpoint's layers at the indices of their fused counterparts (one module at two indices for two streams):
     # stock `load` then matches the tensors by name and shape, and fits the head to our classes exactly as stock does.
     source.model = nn.Sequential(
