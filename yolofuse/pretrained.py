@@ -140,26 +140,9 @@ def layer_map(ours: dict, theirs: dict, weights: Path) -> LayerMap:
 
 def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
     """Copy `source` (a single-stream DetectionModel) into `fused` in place; returns the one-line summary."""
-    task = guess_model_task(source)
-    if task != "detect":
-        raise CheckpointError(
-            f"{weights}: a {task} checkpoint ({_name(source.yaml)}); WEIGHTS needs a detection checkpoint of "
-            "MODEL's family and scale (e.g. yolov8n.pt for yolov8n-fuse.yaml)"
-        )
-    plan = layer_map(fused.yaml, source.yaml, weights)
-    scale, src_scale = fused.yaml.get("scale"), source.yaml.get("scale")
-    if scale and src_scale and scale != src_scale:
-        raise CheckpointError(
-            f"{weights}: scale {src_scale} ({_name(source.yaml)}), but MODEL {_name(fused.yaml)} is scale {scale}; "
-            f"use the scale-{scale} checkpoint (or a scale-{src_scale} MODEL)"
-        )
+    plan = check_fits(source, fused, weights)
     src_layers, src_names = list(source.model), source.names
     rgb_filters = _first_conv(src_layers[0]).weight.detach().clone()
-    if rgb_filters.shape[1] != RGB_CHANNELS:
-        raise CheckpointError(
-            f"{weights}: its first conv takes {rgb_filters.shape[1]} input channel(s); WEIGHTS needs a checkpoint "
-            "trained on RGB images (3 channels), like Ultralytics' COCO ones"
-        )
     # The checkpoint's layers at the indices of their fused counterparts (one module at two indices for two streams):
     # stock `load` then matches the tensors by name and shape, and fits the head to our classes exactly as stock does.
     source.model = nn.Sequential(
@@ -183,7 +166,39 @@ def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
             conv.weight.copy_(torch.cat([half, half], 1))  # (a + b) / 2, channel by channel
             bn.weight.fill_(1), bn.bias.zero_(), bn.running_mean.zero_(), bn.num_batches_tracked.zero_()
             bn.running_var.fill_(1 - bn.eps)  # sqrt(var + eps) == 1: the BatchNorm is the identity in eval mode
+    first_conv = f"first conv: IR = {'sum' if ir == 1 else 'copy'} of the RGB filters"
+    return _summary(fused, plan, theirs, src_names, weights, first_conv)
 
+
+def check_fits(source: nn.Module, fused: nn.Module, weights: Path) -> LayerMap:
+    """The layer map, or CheckpointError naming the file and why it cannot start `fused`: task, family, scale, input."""
+    task = guess_model_task(source)
+    if task != "detect":
+        raise CheckpointError(
+            f"{weights}: a {task} checkpoint ({_name(source.yaml)}); WEIGHTS needs a detection checkpoint of "
+            "MODEL's family and scale (e.g. yolov8n.pt for yolov8n-fuse.yaml)"
+        )
+    plan = layer_map(fused.yaml, source.yaml, weights)
+    scale, src_scale = fused.yaml.get("scale"), source.yaml.get("scale")
+    if scale and src_scale and scale != src_scale:
+        raise CheckpointError(
+            f"{weights}: scale {src_scale} ({_name(source.yaml)}), but MODEL {_name(fused.yaml)} is scale {scale}; "
+            f"use the scale-{scale} checkpoint (or a scale-{src_scale} MODEL)"
+        )
+    channels = _first_conv(source.model[0]).in_channels
+    if channels != RGB_CHANNELS:
+        raise CheckpointError(
+            f"{weights}: its first conv takes {channels} input channel(s); WEIGHTS needs a checkpoint trained on "
+            "RGB images (3 channels), like Ultralytics' COCO ones"
+        )
+    return plan
+
+
+def _summary(fused: nn.Module, plan: LayerMap, theirs: dict, src_names: dict, weights: Path, first_conv: str) -> str:
+    """One line: tensors transferred per part, and those that were not, with the reason.
+
+    `theirs` holds the shapes the checkpoint offered under the fused names. Only class outputs may differ in shape
+    (a row per class); any other difference means the checkpoint does not fit after all, and raises."""
     adapted = {id(_first_conv(fused.model[start]).weight) for start in plan.streams}
     moved, total, class_outputs, unmatched = Counter(), Counter(), [], set()
     for key, tensor in fused.state_dict(keep_vars=True).items():
@@ -196,16 +211,14 @@ def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
         if id(tensor) in adapted or theirs.get(key) == tensor.shape:
             moved[plan.part[j]] += 1
         elif key in theirs and (theirs[key][0], len(tensor)) == (len(src_names), len(fused.names)):
-            class_outputs.append(key)  # the one kind of tensor whose shape may differ: it has a row per class
+            class_outputs.append(key)
         else:
             raise CheckpointError(
                 f"{weights}: tensor {key} is {tuple(theirs.get(key, ()))} there, {tuple(tensor.shape)} in MODEL "
                 f"{_name(fused.yaml)}; use a detection checkpoint of MODEL's family and scale"
             )
     parts = {p: f"{p} {moved[p]}/{n}" for p, n in total.items()}
-    parts[STREAM[list(plan.streams.values())[-1]]] += (
-        f" (first conv: IR = {'sum' if ir == 1 else 'copy'} of the RGB filters)"
-    )
+    parts[STREAM[list(plan.streams.values())[-1]]] += f" ({first_conv})"
     line = f"Transferred from {weights.name}: " + ", ".join(parts.values())
     if plan.fusions:
         line += f"; fusion: {len(plan.fusions)} 1x1 convs start as the mean of the two streams"
