@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
-from yolofuse import YOLO, checkpoint
+from yolofuse import YOLO, checkpoint, pretrained
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset
 from yolofuse.lock import RunLock, RunLockedError
@@ -26,6 +26,7 @@ from yolofuse.lock import RunLock, RunLockedError
 # Settings: edit here, or override one run with NAME=value on the command line. Relative paths are from this folder.
 DATA = "data_config.yaml"  # paired RGB+IR dataset config (its comments show how to point it at LLVIP)
 MODEL = "yolov8n-fuse.yaml"  # architecture for fresh runs; a resumed run keeps its checkpoint's architecture
+WEIGHTS = None  # a fresh run starts from this Ultralytics detection checkpoint (e.g. "yolov8n.pt"); None: random
 RUNS_DIR = "runs/fuse"  # the live run trains here; finished runs are archived to RUNS_DIR/expN
 EPOCHS = 100  # total epochs; raise it and re-run to extend an unfinished run
 BATCH = 16  # images per batch
@@ -141,8 +142,12 @@ def main() -> int:
         if found.state == "unfinished":
             model = YOLO(str(last))
             settings.update(resume=str(last))
+            if WEIGHTS:
+                print(f"  WEIGHTS={WEIGHTS} ignored: a resumed run goes on from its own checkpoint's weights")
         else:
             model = YOLO(str(resolve(MODEL)))
+            if WEIGHTS:
+                print(pretrained.start_from(model, resolve(WEIGHTS), data))
             settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
             settings.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
