@@ -159,7 +159,7 @@ def test_load_pair_is_rgb_then_ir(tmp_path):
     rgb = touch_image(tmp_path / "images" / "train" / "a.png", bgr)
     touch_image(tmp_path / "imagesIR" / "train" / "a.png", np.full((16, 20), 77, np.uint8))
 
-    pair = load_pair(rgb, 4)
+    pair = load_pair(rgb, 4)[0]
     assert pair.shape == (16, 20, 4) and pair.dtype == np.uint8
     assert (pair[:8, :10, 0] == 255).all() and (pair[:8, :10, 1:3] == 0).all(), "channel 0 must be red (RGB, not BGR)"
     assert (pair[8:, 10:, 2] == 255).all() and (pair[8:, 10:, :2] == 0).all(), "channel 2 must be blue"
@@ -172,7 +172,7 @@ def test_load_pair_three_channel_ir_with_six_channels(tmp_path):
     ir_bgr[:] = (10, 20, 30)  # B, G, R as stored by OpenCV
     touch_image(tmp_path / "imagesIR" / "val" / "b.png", ir_bgr)
 
-    pair = load_pair(rgb, 6)
+    pair = load_pair(rgb, 6)[0]
     assert pair.shape == (12, 12, 6)
     assert (np.abs(pair[..., :3].astype(int) - 50) <= 2).all()
     # 3-channel IR is stacked in RGB order too, like the visible frame.
@@ -191,7 +191,7 @@ def test_channels_decide_how_ir_is_read(tmp_path, channels, ir_layers, suffix):
         pytest.skip("JPEG has no alpha")
     touch_image(tmp_path / "imagesIR" / "train" / f"c{suffix}", ir)
 
-    pair = load_pair(rgb, channels)
+    pair = load_pair(rgb, channels)[0]
     assert pair.shape == (16, 16, channels) and pair.dtype == np.uint8
     tolerance = 3 if suffix == ".jpg" else 0
     for c in range(3, channels):
@@ -210,7 +210,7 @@ def test_colour_mapped_ir_is_read_as_gray_with_one_warning(tmp_path, monkeypatch
             touch_image(root / "imagesIR" / split / f"{k}.png", heat)
     data = write_yaml(root, 4)
 
-    pair = load_pair(root / "images" / "train" / "0.jpg", 4)
+    pair = load_pair(root / "images" / "train" / "0.jpg", 4)[0]
     assert pair.shape == (32, 32, 4)
     luma = cv2.cvtColor(heat, cv2.COLOR_BGR2GRAY).astype(int)
     assert np.abs(pair[..., 3] - luma).max() <= 2, (
@@ -271,7 +271,7 @@ def test_load_pair_resizes_other_size_ir_with_warning(tmp_path, monkeypatch, cha
     ir[8:24, 12:36] = 255
     ir_file = touch_image(tmp_path / "imagesIR" / "train" / "e.png", ir)
 
-    pair = load_pair(rgb, channels)
+    pair = load_pair(rgb, channels)[0]
     assert pair.shape == (64, 96, channels)
     assert iou(pair[..., 0] > 127, pair[..., 3] > 127) > 0.9, "resized IR must stay aligned with the RGB frame"
     assert len(warnings) == 1 and str(ir_file) in warnings[0]
@@ -422,7 +422,9 @@ def test_cache_modes_match_no_cache_and_ignore_stock_npy(tmp_path):
     assert [p.name.split(".")[0] for p in pair_caches] == [p.stem for p in sorted(val_dir.glob("*.jpg"))]
     for p in pair_caches:
         im = p.with_name(p.name.split(".")[0] + ".jpg")
-        assert np.array_equal(np.load(p), load_pair(im, 4))
+        with open(p, "rb") as fh:
+            np.load(fh)  # the header
+            assert np.array_equal(np.load(fh), load_pair(im, 4, 64)[0]), "the pair is cached at training size"
 
 
 def test_disk_cache_refreshed_when_ir_changes(tmp_path):

@@ -4,19 +4,31 @@ Layout (YOLOFuse / LLVIP): images/<split>/x.jpg (RGB), imagesIR/<split>/x.<any e
 labels/<split>/x.txt (one label file for both). The stacked array is H x W x C, channels R, G, B, then IR.
 """
 
+import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
+from PIL import Image
 from ultralytics.data.augment import RandomHSV
 from ultralytics.data.dataset import YOLODataset
-from ultralytics.data.utils import IMG_FORMATS, get_hash, img2label_paths
+from ultralytics.data.utils import IMG_FORMATS, exif_size, get_hash, img2label_paths
 from ultralytics.utils import LOGGER
 
 RGB_DIR, IR_DIR = "images", "imagesIR"
 SUPPORTED_CHANNELS = {4: "RGB + 1-channel IR", 6: "RGB + 3-channel IR"}
 IR_READ = {4: cv2.IMREAD_GRAYSCALE, 6: cv2.IMREAD_COLOR}  # how IR is decoded for each `channels:` value
+# A JPEG can be scaled by 1/2, 1/4 or 1/8 while it is decoded (in the DCT domain), at a fraction of the full cost.
+JPEG_REDUCED = {
+    cv2.IMREAD_COLOR: {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8},
+    cv2.IMREAD_GRAYSCALE: {
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    },
+}
+RGB_BGR = [0, 2, 1, 1, 2, 0]  # cv2.mixChannels pairs: channels 0-2 reversed (the stack is RGB, stock HSV wants BGR)
 COLOUR_SPREAD = 4  # mean max-min over an IR frame's 3 channels above this: colour-mapped (JPEG noise is ~1)
 _warned = set()  # kinds of warning already given: each is given once per process, not once per frame
 
@@ -50,28 +62,75 @@ def ir_path(rgb_path) -> Path:
     return ir_dir / rgb_path.name  # missing: callers report it as `<stem>.*`
 
 
-def load_pair(rgb_path, channels: int) -> np.ndarray:
-    """Read an RGB image and its IR partner as one H x W x `channels` uint8 array (RGB first, then IR).
+def fit_size(hw: tuple[int, int], imgsz: int | None) -> tuple[int, int]:
+    """Stock `load_image`'s training size (w, h) for a frame of size `hw`: long side to imgsz, aspect kept."""
+    h0, w0 = hw
+    r = imgsz / max(h0, w0) if imgsz else 1
+    return (min(math.ceil(w0 * r), imgsz), min(math.ceil(h0 * r), imgsz)) if r != 1 else (w0, h0)
 
-    `channels` decides how IR is read, whatever the file holds: 4 decodes it as one gray channel (a 3-channel file
-    is converted to gray), 6 as three channels (a 1-channel file is replicated).
+
+def _jpeg_hw(path: Path) -> tuple[int, int] | None:
+    """(h, w) of a JPEG as it decodes (EXIF orientation applied), from its header alone; None for other files."""
+    if path.suffix.lower() not in (".jpg", ".jpeg"):
+        return None
+    try:
+        with Image.open(path) as im:
+            return exif_size(im)[::-1] if im.format == "JPEG" else None
+    except Exception:
+        return None  # not readable as a JPEG: the plain decode below reports it
+
+
+def _read(path: Path, flags: int, size_for) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """Decode one file with cv2 `flags` at the size (w, h) that `size_for(original hw)` gives; (image, original hw).
+
+    A JPEG is decoded at the smallest DCT reduction that is still at least that size, then resized the rest of the
+    way; other formats (PNG, TIFF, ...) are decoded in full and resized. The image is None when unreadable.
     """
-    rgb = cv2.imread(str(rgb_path), cv2.IMREAD_COLOR)
+    hw0 = _jpeg_hw(path)
+    if hw0:
+        w, h = size_for(hw0)
+        fits = [f for f in (8, 4, 2) if math.ceil(hw0[1] / f) >= w and math.ceil(hw0[0] / f) >= h]
+        im = cv2.imread(str(path), JPEG_REDUCED[flags & cv2.IMREAD_COLOR][fits[0]] if fits else flags)
+    else:
+        im = cv2.imread(str(path), flags)
+        if im is None:
+            return None, None
+        hw0 = im.shape[:2]
+        w, h = size_for(hw0)
+    if im is not None and im.shape[:2] != (h, w):
+        im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
+    return im, hw0
+
+
+def load_pair(rgb_path, channels: int, imgsz: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read one pair the way training, validation and prediction do; returns (stack, the RGB frame's original hw).
+
+    The stack is H x W x `channels` uint8, R, G, B, then IR, with its long side resized to `imgsz` (None: the RGB
+    frame's own size) and the IR frame resized to the RGB frame. `channels` decides how IR is read, whatever the
+    file holds: 4 decodes it as one gray channel (a 3-channel file is converted to gray), 6 as three channels (a
+    1-channel file is replicated).
+    """
+    rgb_path = Path(rgb_path)
+    ir_file = ir_path(rgb_path)
+    rgb, hw0 = _read(rgb_path, cv2.IMREAD_COLOR, lambda hw: fit_size(hw, imgsz))
     if rgb is None:
         raise DatasetError(f"{rgb_path}: RGB image is missing or unreadable; replace it or remove it with its label")
-    ir_file = ir_path(rgb_path)
     if not ir_file.is_file():
-        raise DatasetError(f"{ir_file.with_suffix('.*')}: IR image for {Path(rgb_path).name} is missing; add it")
-    ir = cv2.imread(str(ir_file), IR_READ[channels] | cv2.IMREAD_ANYDEPTH)  # ANYDEPTH: 16-bit is reported, not cut
+        raise DatasetError(f"{ir_file.with_suffix('.*')}: IR image for {rgb_path.name} is missing; add it")
+    size = rgb.shape[1::-1]
+    ir, ir_hw0 = _read(ir_file, IR_READ[channels] | cv2.IMREAD_ANYDEPTH, lambda hw: size)  # 16-bit reported, not cut
     if ir is None:
         raise DatasetError(f"{ir_file}: IR image is unreadable; replace it")
     if ir.dtype != np.uint8:
         raise DatasetError(f"{ir_file}: IR image is {ir.dtype}; convert it to 8-bit")
-    ir = ir[..., None] if ir.ndim == 2 else ir[..., ::-1]  # 3-channel IR in RGB order too
-    if ir.shape[:2] != rgb.shape[:2]:
-        _warn_once("size", f"{ir_file}: IR size {ir.shape[1]}x{ir.shape[0]} differs from RGB; resizing IR frames")
-        ir = cv2.resize(ir, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR).reshape(*rgb.shape[:2], -1)
-    return np.concatenate([rgb[..., ::-1], ir], axis=2)  # cv2 reads BGR; the model gets RGB
+    if ir_hw0 != hw0:
+        _warn_once("size", f"{ir_file}: IR size {ir_hw0[1]}x{ir_hw0[0]} differs from RGB; resizing IR frames")
+    if channels == 4:  # one SIMD conversion (BGR to RGB plus a 4th channel), then the IR plane
+        stack = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGBA)
+        stack[..., 3] = ir
+    else:  # both frames in RGB order
+        stack = cv2.merge([*cv2.split(rgb)[::-1], *cv2.split(ir)[::-1]])
+    return stack, hw0
 
 
 def _warn_if_colour_mapped(ir_file: Path, channels: int) -> None:
@@ -91,10 +150,15 @@ class RGBOnlyHSV(RandomHSV):
     """Stock HSV jitter on the RGB channels only: thermal intensities are temperatures, not colours."""
 
     def apply_image(self, labels, params=None):
+        if not (self.hgain or self.sgain or self.vgain):
+            return labels
         img = labels["img"]
-        bgr = np.ascontiguousarray(img[..., 2::-1])  # stock jitters a BGR frame
+        if not img.flags.c_contiguous:  # cv2 writes the result back into it
+            img = labels["img"] = np.ascontiguousarray(img)
+        bgr = np.empty((*img.shape[:2], 3), np.uint8)
+        cv2.mixChannels([img], [bgr], RGB_BGR)  # copies the RGB part only, as the BGR frame stock jitters
         super().apply_image({"img": bgr})
-        img[..., :3] = bgr[..., ::-1]
+        cv2.mixChannels([bgr], [img], RGB_BGR)
         return labels
 
 
@@ -116,32 +180,36 @@ class PairedDataset(YOLODataset):
         # Own suffix per channel count: never read or overwritten by a stock RGB cache (x.npy).
         return Path(self.im_files[i]).with_suffix(f".pair{self.channels}.npy")
 
-    def read_pair(self, i: int) -> np.ndarray:
-        """The stacked pair, from its disk cache when that is newer than both images."""
+    def read_pair(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """`load_pair` at training size, from the disk cache when that is newer than both images and of this size.
+
+        A cache file holds two arrays: [h0, w0, imgsz], then the stack.
+        """
         f = self.pair_cache_file(i)
         if f.exists():
             newest = max(Path(self.im_files[i]).stat().st_mtime, ir_path(self.im_files[i]).stat().st_mtime)
             if f.stat().st_mtime >= newest:
-                return np.load(f)
-        return load_pair(self.im_files[i], self.channels)
+                with open(f, "rb") as fh:
+                    h0, w0, imgsz = np.load(fh)
+                    if imgsz == self.imgsz:
+                        return np.load(fh), (int(h0), int(w0))
+        return load_pair(self.im_files[i], self.channels, self.imgsz)
 
     def cache_images_to_disk(self, i: int) -> None:
-        np.save(self.pair_cache_file(i), self.read_pair(i), allow_pickle=False)
+        im, (h0, w0) = self.read_pair(i)
+        with open(self.pair_cache_file(i), "wb") as fh:
+            np.save(fh, np.array([h0, w0, self.imgsz]))
+            np.save(fh, im)
 
     def load_image(self, i: int, rect_mode: bool = True, resize_short: bool = False):
-        """Stock `load_image` reads one file with cv2; this reads the pair, then resizes and buffers the same way."""
+        """Stock `load_image` reads one file, then resizes it; this reads the pair already at training size.
+
+        The long side is `imgsz`, as stock's default. (`rect_mode` and `resize_short` are stock options for other
+        tasks; detection never changes them.) Recent images are kept for mosaic exactly as stock does.
+        """
         if self.ims[i] is not None:  # RAM cache or mosaic buffer
             return self.ims[i], self.im_hw0[i], self.im_hw[i]
-        im = self.read_pair(i)
-        h0, w0 = im.shape[:2]
-        if rect_mode:  # long side to imgsz, aspect kept
-            r = self.imgsz / max(h0, w0)
-            if r != 1:
-                size = (min(round(w0 * r), self.imgsz), min(round(h0 * r), self.imgsz))
-                im = cv2.resize(im, size, interpolation=cv2.INTER_LINEAR)
-        elif (h0, w0) != (self.imgsz, self.imgsz):
-            im = cv2.resize(im, (self.imgsz, self.imgsz), interpolation=cv2.INTER_LINEAR)
-        im = im.reshape(*im.shape[:2], self.channels)  # cv2 drops a trailing single channel
+        im, (h0, w0) = self.read_pair(i)
         if self.augment and self.cache != "ram":  # keep recent images for mosaic, as stock does
             self.ims[i], self.im_hw0[i], self.im_hw[i] = im, (h0, w0), im.shape[:2]
             self.buffer.append(i)
