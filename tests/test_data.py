@@ -444,6 +444,93 @@ def test_disk_cache_refreshed_when_ir_changes(tmp_path):
     assert (img[3, top : top + h, left : left + w] == 201).all(), "a stale pair cache was used after the IR changed"
 
 
+def disk_cached_val(tmp_path, imgsz: int = 256):
+    """A 2-pair val split and a function that builds its dataset with CACHE="disk", as each launch does."""
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=1, n_val=2)))
+    return data, lambda **kw: build_paired_dataset(
+        cfg(imgsz=imgsz, cache="disk", **kw), data["val"], 2, data, "val", 32
+    )
+
+
+def file_ids(paths) -> dict:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def test_disk_cache_written_only_when_missing_or_stale(tmp_path):
+    data, build = disk_cached_val(tmp_path)
+    build()
+    caches = sorted(Path(data["val"]).glob("*.pair4.npy"))
+    assert len(caches) == 2
+    before = file_ids(caches)
+    build()
+    assert file_ids(caches) == before, "a second launch with nothing changed rewrote the disk cache"
+
+    # One IR frame replaced by another file that keeps an older mtime (cp -p, rsync -a): only its cache is rewritten.
+    im = sorted(Path(data["val"]).glob("*.jpg"))[0]
+    ir = ir_path(im)
+    older = ir.stat().st_mtime_ns - 10**10
+    cv2.imwrite(str(ir), np.full((192, 256), 201, np.uint8))
+    os.utime(ir, ns=(older, older))
+    ds = build()
+    rewritten = [p for p, ids in file_ids(caches).items() if ids != before[p]]
+    assert rewritten == [im.with_suffix(".pair4.npy")]
+    img = ds[ds.im_files.index(str(im))]["img"].numpy()
+    top, left = (img.shape[1] - 192) // 2, (img.shape[2] - 256) // 2
+    assert (img[3, top : top + 192, left : left + 256] == 201).all(), "the stale cache was served"
+
+    # Another training size is another cache: rewritten, and served at the new size.
+    ds = build_paired_dataset(cfg(imgsz=128, cache="disk"), data["val"], 2, data, "val", 32)
+    assert all(ids != before[p] for p, ids in file_ids(caches).items())
+    assert ds.cached_pair(0)[0].shape == (96, 128, 4) and ds.load_image(0)[0].shape == (96, 128, 4)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_disk_cache_is_warned_deleted_and_read_again(tmp_path, monkeypatch, damage):
+    """A cache file broken by a disk error never stops a launch: one warning, the file goes, the images are read."""
+    data, build = disk_cached_val(tmp_path)
+    expected = [s["img"] for s in build_paired_dataset(cfg(imgsz=256), data["val"], 2, data, "val", 32)]
+    build()
+    broken = sorted(Path(data["val"]).glob("*.pair4.npy"))[0]
+    content = broken.read_bytes()
+    broken.write_bytes({"truncated": content[: len(content) // 2], "garbage": b"\x93NUMPY?" * 40, "empty": b""}[damage])
+    warnings = []
+    monkeypatch.setattr(fdata.LOGGER, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+
+    for cache in ("disk", False):  # the launch that finds it, then a launch without caching that reads the files
+        ds = build_paired_dataset(cfg(imgsz=256, cache=cache), data["val"], 2, data, "val", 32)
+        for i in range(len(ds)):
+            sample = ds[i]
+            assert torch.equal(sample["img"], expected[ds.im_files.index(sample["im_file"])])
+    assert len([w for w in warnings if str(broken) in w]) == 1, warnings
+    build()
+    with open(broken, "rb") as fh:  # whole again after the next launch
+        np.load(fh)
+        assert np.load(fh).shape == (192, 256, 4)
+
+
+def test_disk_cache_write_never_leaves_half_a_file(tmp_path, monkeypatch):
+    data, build = disk_cached_val(tmp_path)
+    build()
+    cache = sorted(Path(data["val"]).glob("*.pair4.npy"))[0]
+    old = cache.read_bytes()
+    ir = ir_path(cache.with_name(cache.name.split(".")[0] + ".jpg"))
+    cv2.imwrite(str(ir), np.full((192, 256), 201, np.uint8))  # stale now: this launch rewrites it
+    save = np.save
+
+    def disk_full_mid_write(fh, arr, *args, **kwargs):
+        if arr.ndim == 3:  # the stack, after the header
+            fh.write(b"\0" * 1000)
+            raise OSError(28, "No space left on device")
+        return save(fh, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", disk_full_mid_write)
+    ds = build()
+    assert cache.read_bytes() == old, "the cache file was replaced by a partial one"
+    assert not list(cache.parent.glob("*.tmp")), "a temporary file was left behind"
+    img = ds[ds.im_files.index(str(cache.with_name(cache.name.split(".")[0] + ".jpg")))]["img"].numpy()
+    assert (img[3][img[3] != PAD] == 201).all(), "the stale cache was served"
+
+
 # ------------------------------------------------------------------------------------------------------ label cache
 def test_label_cache_hash_covers_ir_files(tmp_path):
     data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=3, n_val=1)))

@@ -5,6 +5,7 @@ labels/<split>/x.txt (one label file for both). The stacked array is H x W x C, 
 """
 
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -180,26 +181,61 @@ class PairedDataset(YOLODataset):
         # Own suffix per channel count: never read or overwritten by a stock RGB cache (x.npy).
         return Path(self.im_files[i]).with_suffix(f".pair{self.channels}.npy")
 
-    def read_pair(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """`load_pair` at training size, from the disk cache when that is newer than both images and of this size.
+    def cache_key(self, i: int) -> list[int]:
+        """What a cached pair depends on: the training size, and the size and mtime_ns of both image files.
 
-        A cache file holds two arrays: [h0, w0, imgsz], then the stack.
+        (Sizes too: a file copied over another with `cp -p` or `rsync -a` may keep an older mtime.)
+        """
+        rgb, ir = os.stat(self.im_files[i]), os.stat(ir_path(self.im_files[i]))
+        return [self.imgsz, rgb.st_size, rgb.st_mtime_ns, ir.st_size, ir.st_mtime_ns]
+
+    def cached_pair(self, i: int, header_only: bool = False):
+        """(stack, original hw) from the disk cache, or None when there is none or it is stale.
+
+        A cache file holds two arrays: the header [h0, w0, *cache_key], then the stack. A corrupt file is reported,
+        deleted, and treated as missing. With `header_only`, the stack is not read (it is None).
         """
         f = self.pair_cache_file(i)
-        if f.exists():
-            newest = max(Path(self.im_files[i]).stat().st_mtime, ir_path(self.im_files[i]).stat().st_mtime)
-            if f.stat().st_mtime >= newest:
-                with open(f, "rb") as fh:
-                    h0, w0, imgsz = np.load(fh)
-                    if imgsz == self.imgsz:
-                        return np.load(fh), (int(h0), int(w0))
-        return load_pair(self.im_files[i], self.channels, self.imgsz)
+        if not f.exists():
+            return None
+        try:
+            key = self.cache_key(i)
+        except FileNotFoundError:
+            return None  # an image is gone: load_pair names it
+        try:
+            with open(f, "rb") as fh:
+                header = np.load(fh)
+                if header[2:].tolist() != key:
+                    return None
+                return (None if header_only else np.load(fh)), (int(header[0]), int(header[1]))
+        except FileNotFoundError:
+            return None  # deleted meanwhile by another worker that found it corrupt
+        except Exception as e:
+            LOGGER.warning(f"{self.prefix}{f}: corrupt pair cache ({e}); deleting it and reading the images")
+            f.unlink(missing_ok=True)
+            return None
+
+    def read_pair(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """`load_pair` at training size, from the disk cache when it holds this key."""
+        return self.cached_pair(i) or load_pair(self.im_files[i], self.channels, self.imgsz)
 
     def cache_images_to_disk(self, i: int) -> None:
-        im, (h0, w0) = self.read_pair(i)
-        with open(self.pair_cache_file(i), "wb") as fh:
-            np.save(fh, np.array([h0, w0, self.imgsz]))
-            np.save(fh, im)
+        """Write the pair's cache file when it is missing or stale, atomically: a kill never leaves half a file."""
+        if self.cached_pair(i, header_only=True):
+            return
+        key = self.cache_key(i)  # before reading: a file changed meanwhile makes this cache stale, not wrong
+        im, (h0, w0) = load_pair(self.im_files[i], self.channels, self.imgsz)
+        f = self.pair_cache_file(i)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # one per process: DDP ranks may cache the same file
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.array([h0, w0, *key], np.int64))
+                np.save(fh, im)
+            os.replace(tmp, f)
+        except OSError as e:  # e.g. a full disk: train from the images, as stock does
+            _warn_once("cache write", f"{self.prefix}{f}: pair cache not written ({e}); reading the images instead")
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_image(self, i: int, rect_mode: bool = True, resize_short: bool = False):
         """Stock `load_image` reads one file, then resizes it; this reads the pair already at training size.
