@@ -240,7 +240,7 @@ def test_load_pair_16_bit_ir_is_an_error(tmp_path, channels):
     ir = touch_image(tmp_path / "imagesIR" / "train" / "s.png", np.full((8, 8), 40000, np.uint16))
     with pytest.raises(DatasetError) as e:
         load_pair(rgb, channels)
-    assert_one_line_error(e, str(ir), "uint16", "8-bit")
+    assert_one_line_error(e, str(ir), "8 bits", "convert it to 8-bit")
 
 
 def test_load_pair_missing_or_unreadable(tmp_path):
@@ -568,6 +568,39 @@ def test_label_cache_rebuilt_after_ir_change(tmp_path):
     cv2.imwrite(str(ir), np.zeros((50, 50), np.uint8))
     ds = build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
     assert np.load(cache_file, allow_pickle=True).item()["hash"] == ds.get_cache_hash() != stored
+
+
+# ------------------------------------------------------------------------------------------ every pair, before training
+def break_ir(ir: Path, how: str) -> None:
+    if how == "garbage":
+        ir.write_bytes(b"not an image, " * 20)
+    elif how == "empty":
+        ir.write_bytes(b"")
+    elif how == "16-bit":
+        cv2.imwrite(str(ir), np.full((192, 256), 40000, np.uint16))
+    else:  # 16-bit colour
+        cv2.imwrite(str(ir), np.full((192, 256, 3), 40000, np.uint16))
+
+
+@pytest.mark.parametrize("how", ["garbage", "empty", "16-bit", "16-bit colour"])
+def test_bad_ir_in_the_middle_of_the_set_stops_before_training(tmp_path, how):
+    """check_dataset decodes the first pair only; the dataset checks every IR header when it builds its label cache."""
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=8, n_val=2)))
+    ir = sorted((tmp_path / "d" / "imagesIR" / "train").iterdir())[5]
+    good = ir.read_bytes()
+    break_ir(ir, how)
+    with pytest.raises(DatasetError) as e:
+        build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    assert_one_line_error(e, str(ir), "IR image")
+    assert not (tmp_path / "d" / "labels" / "train.cache").exists(), "a bad set must not get a label cache"
+
+    ir.write_bytes(good)  # fixed: builds, and caches the check with the labels
+    build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    assert (tmp_path / "d" / "labels" / "train.cache").exists()
+    break_ir(ir, how)  # broken after a good launch: the changed file invalidates the cache, so it is checked again
+    with pytest.raises(DatasetError) as e:
+        build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    assert_one_line_error(e, str(ir), "IR image")
 
 
 # --------------------------------------------------------------------------------------------------- check_dataset

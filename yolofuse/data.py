@@ -6,6 +6,7 @@ labels/<split>/x.txt (one label file for both). The stacked array is H x W x C, 
 
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -63,6 +64,35 @@ def ir_path(rgb_path) -> Path:
     return ir_dir / rgb_path.name  # missing: callers report it as `<stem>.*`
 
 
+def _ir_error(ir_file: Path, problem: str, rgb_name: str = "") -> DatasetError:
+    """One line naming the IR file and the fix, the same whether the pre-training check or the loader finds it."""
+    if problem == "missing":
+        return DatasetError(f"{ir_file.with_suffix('.*')}: IR image for {rgb_name} is missing; add it")
+    if problem == "unreadable":
+        return DatasetError(f"{ir_file}: IR image is unreadable; replace it")
+    return DatasetError(f"{ir_file}: IR image has more than 8 bits per channel; convert it to 8-bit")
+
+
+def check_ir_header(rgb_file) -> None:
+    """The cheap check of one pair before training: its IR partner exists, and its header is readable and 8-bit."""
+    ir_file = ir_path(rgb_file)
+    if not ir_file.is_file():
+        raise _ir_error(ir_file, "missing", Path(rgb_file).name)
+    try:
+        with Image.open(ir_file) as im:  # reads the header only
+            deep = im.mode in ("I", "F") or ";16" in str(im.tile[:1])  # 16/32-bit gray, or 16-bit colour
+    except Exception:
+        raise _ir_error(ir_file, "unreadable") from None
+    if deep:
+        raise _ir_error(ir_file, "deep")
+
+
+def _verify_pair(verify, args):
+    """Stock's label-cache check of one RGB image and its labels, after its IR partner's header check."""
+    check_ir_header(args[0])
+    return verify(args)
+
+
 def fit_size(hw: tuple[int, int], imgsz: int | None) -> tuple[int, int]:
     """Stock `load_image`'s training size (w, h) for a frame of size `hw`: long side to imgsz, aspect kept."""
     h0, w0 = hw
@@ -117,13 +147,13 @@ def load_pair(rgb_path, channels: int, imgsz: int | None = None) -> tuple[np.nda
     if rgb is None:
         raise DatasetError(f"{rgb_path}: RGB image is missing or unreadable; replace it or remove it with its label")
     if not ir_file.is_file():
-        raise DatasetError(f"{ir_file.with_suffix('.*')}: IR image for {rgb_path.name} is missing; add it")
+        raise _ir_error(ir_file, "missing", rgb_path.name)
     size = rgb.shape[1::-1]
     ir, ir_hw0 = _read(ir_file, IR_READ[channels] | cv2.IMREAD_ANYDEPTH, lambda hw: size)  # 16-bit reported, not cut
     if ir is None:
-        raise DatasetError(f"{ir_file}: IR image is unreadable; replace it")
+        raise _ir_error(ir_file, "unreadable")
     if ir.dtype != np.uint8:
-        raise DatasetError(f"{ir_file}: IR image is {ir.dtype}; convert it to 8-bit")
+        raise _ir_error(ir_file, "deep")
     if ir_hw0 != hw0:
         _warn_once("size", f"{ir_file}: IR size {ir_hw0[1]}x{ir_hw0[0]} differs from RGB; resizing IR frames")
     if channels == 4:  # one SIMD conversion (BGR to RGB plus a 4th channel), then the IR plane
@@ -169,6 +199,15 @@ class PairedDataset(YOLODataset):
     def get_cache_hash(self) -> str:
         # The stock hash covers RGB images and labels; adding, removing or replacing IR files must also invalidate it.
         return get_hash([super().get_cache_hash(), *map(str, map(ir_path, self.im_files))])
+
+    def verify_args(self):
+        """Stock checks every image and label file when it builds the label cache; each IR header is checked there too.
+
+        So a bad pair anywhere in the set stops the run before epoch 1, and the check costs nothing again until a
+        file changes (the cache hash covers the IR files).
+        """
+        verify, args = super().verify_args()
+        return partial(_verify_pair, verify), args
 
     def build_transforms(self, hyp=None):
         transforms = super().build_transforms(hyp)
