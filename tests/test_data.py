@@ -15,6 +15,7 @@ import torch
 from conftest import make_dataset
 from ultralytics.cfg import get_cfg
 from ultralytics.data.augment import RandomHSV
+from ultralytics.data.build import build_dataloader
 from ultralytics.data.utils import check_det_dataset
 
 import yolofuse  # noqa: F401  (offline settings and the fusion layer, before ultralytics is used)
@@ -321,6 +322,111 @@ def test_mosaic_perspective_flip_keep_rgb_and_ir_aligned(tmp_path, channels):
     for y, x in ((0, 0), (-1, -1), (0, -1), (-1, 0)):
         assert (img[:, y, x] == PAD).all(), f"corner {(y, x)}: {img[:, y, x]}"
     assert iou((img[:3] > 127).all(0), img[3] > 127) > 0.95
+
+
+# ------------------------------------------------------------------------------------------ JPEG reduced decoding
+def textured(h: int, w: int, seed: int) -> np.ndarray:
+    """A frame with detail at several scales, so that a shifted, flipped or badly resampled read shows."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w), np.float32)
+    for cell, amp in ((64, 60), (16, 30), (4, 12)):
+        small = rng.standard_normal((h // cell + 1, w // cell + 1)).astype(np.float32)
+        img += amp * cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    return np.clip(img + 110, 0, 255).astype(np.uint8)
+
+
+def jpeg_pairs(root: Path, n: int, h: int, w: int, ir_layers: int, boxes_per_image: int = 0) -> dict:
+    """LLVIP-like pairs: RGB and IR JPEGs (IR as 1 or 3 equal channels), optional white boxes drawn into both."""
+    rng = np.random.default_rng(7)
+    for split in ("train", "val"):
+        for k in range(n):
+            gray = textured(h, w, seed=k)
+            rgb = cv2.merge([gray, np.roll(gray, 5, 1), 255 - gray])  # three different channels
+            ir = cv2.GaussianBlur(gray, (0, 0), 2) // 2
+            lines = []
+            for _ in range(boxes_per_image):
+                bh, bw = int(rng.integers(h // 6, h // 3)), int(rng.integers(w // 8, w // 4))
+                y0, x0 = int(rng.integers(0, h - bh)), int(rng.integers(0, w - bw))
+                rgb[y0 : y0 + bh, x0 : x0 + bw] = 255
+                ir[y0 : y0 + bh, x0 : x0 + bw] = 255
+                lines.append(f"0 {(x0 + bw / 2) / w:.6f} {(y0 + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}\n")
+            touch_image(root / "images" / split / f"{k:04d}.jpg", rgb)
+            touch_image(root / "imagesIR" / split / f"{k:04d}.jpg", ir if ir_layers == 1 else cv2.merge([ir] * 3))
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split / f"{k:04d}.txt").write_text("".join(lines))
+    return check_det_dataset(str(write_yaml(root, 4)))
+
+
+@pytest.mark.parametrize(
+    "w, h, imgsz, reduction",
+    [(1280, 1024, 640, 2), (1280, 1024, 600, 2), (1280, 1024, 320, 4), (1280, 1024, 160, 8), (1280, 1024, 1280, 1)],
+)
+def test_jpeg_decoded_at_smallest_reduction_at_least_the_training_size(tmp_path, monkeypatch, w, h, imgsz, reduction):
+    rgb = touch_image(tmp_path / "images" / "train" / "a.jpg", np.full((h, w, 3), 60, np.uint8))
+    touch_image(tmp_path / "imagesIR" / "train" / "a.jpg", np.full((h, w, 3), 90, np.uint8))
+    touch_image(tmp_path / "images" / "train" / "b.png", np.full((h, w, 3), 60, np.uint8))
+    touch_image(tmp_path / "imagesIR" / "train" / "b.png", np.full((h, w), 90, np.uint8))
+    decoded = []
+    imread = cv2.imread
+    monkeypatch.setattr(
+        cv2, "imread", lambda path, flags: decoded.append(imread(path, flags).shape[:2]) or imread(path, flags)
+    )
+
+    pair, hw0 = load_pair(rgb, 4, imgsz)
+    assert hw0 == (h, w) and pair.shape[:2] == (round(h * imgsz / w), imgsz)
+    assert decoded == [(h // reduction, w // reduction)] * 2, "RGB and IR decoded at the smallest fitting reduction"
+    decoded.clear()
+    load_pair(rgb.with_name("b.png"), 4, imgsz)
+    assert decoded == [(h, w)] * 2, "PNG has no reduced decoding: read in full"
+
+
+@pytest.mark.parametrize("channels", [4, 6])
+def test_training_batch_matches_the_files_read_the_plain_way(tmp_path, channels):
+    """A batch equals full decodes resized to the training size, to within what reduced JPEG decoding changes."""
+    data = jpeg_pairs(tmp_path / "d", n=4, h=384, w=480, ir_layers=3)  # imgsz 160: decoded at 1/2, then resized
+    data["channels"] = channels
+    ds = build_paired_dataset(cfg(imgsz=160), data["train"], 4, data, "train", 32)
+    batch = next(iter(build_dataloader(ds, 4, 0, shuffle=False)))
+    for img, im_file in zip(batch["img"].numpy(), batch["im_file"]):
+        rgb = cv2.resize(cv2.imread(im_file), (160, 128), interpolation=cv2.INTER_AREA)[..., ::-1]
+        ir = cv2.resize(
+            cv2.imread(str(ir_path(im_file)), cv2.IMREAD_GRAYSCALE), (160, 128), interpolation=cv2.INTER_AREA
+        )
+        plain = np.dstack([rgb] + [ir] * (channels - 3)).transpose(2, 0, 1).astype(int)
+        top = (160 - 128) // 2  # the frame sits centred in the square training image, padded with 114
+        got = img[:, top : top + 128].astype(int)
+        assert (img[:, :top] == PAD).all() and (img[:, top + 128 :] == PAD).all()
+        for c in range(channels):
+            assert np.abs(got[c] - plain[c]).mean() < 2.5, f"{im_file}: channel {c} differs from the plain read"
+        assert np.abs(got[0] - plain[2]).mean() > 20, "the test cannot tell red from blue"
+        assert np.abs(got[3] - np.roll(plain[3], 2, 1)).mean() > 5, "the test cannot tell a 2-pixel shift"
+
+
+@pytest.mark.parametrize("channels", [4, 6])
+@pytest.mark.parametrize("ir_layers", [1, 3])
+def test_boxes_stay_on_both_modalities_through_mosaic_and_affine(tmp_path, channels, ir_layers):
+    """White boxes drawn into both JPEG frames: after mosaic, affine and flips, the label boxes hold them in both."""
+    data = jpeg_pairs(tmp_path / "d", n=8, h=384, w=480, ir_layers=ir_layers, boxes_per_image=2)
+    data["channels"] = channels
+    args = cfg(imgsz=160, mosaic=1.0, degrees=3, translate=0.1, scale=0.3, fliplr=0.5, flipud=0.5)
+    ds = build_paired_dataset(args, data["train"], 4, data, "train", 32)
+    seed(0)
+    boxes_seen = 0
+    for i in range(16):
+        sample = ds[i % len(ds)]
+        img = sample["img"].numpy()
+        white = (img[:3] > 200).all(0)  # the boxes; the texture is never white in all three channels
+        for c in range(3, channels):
+            assert iou(white, img[c] > 200) > 0.9, f"sample {i}: IR channel {c} moved away from the RGB boxes"
+        for x, y, w, h in sample["bboxes"].numpy() * 160:  # normalized xywh
+            x0, y0, x1, y1 = (int(round(v)) for v in (x - w / 2, y - h / 2, x + w / 2, y + h / 2))
+            if min(x1 - x0, y1 - y0) < 6:
+                continue  # cut to a sliver by the crop: rounding dominates
+            boxes_seen += 1
+            for c, name in ((0, "RGB"), (channels - 1, "IR")):
+                on_box = (img[c, y0:y1, x0:x1] > 200).mean()
+                assert on_box > 0.6, f"sample {i}: label box {x0, y0, x1, y1} is not on the {name} box ({on_box:.2f})"
+    assert boxes_seen > 20
 
 
 # --------------------------------------------------------------------------------------------------------------- HSV
