@@ -93,7 +93,7 @@ def _verify_pair(verify, args):
     return verify(args)
 
 
-def fit_size(hw: tuple[int, int], imgsz: int | None) -> tuple[int, int]:
+def _fit_size(hw: tuple[int, int], imgsz: int | None) -> tuple[int, int]:
     """Stock `load_image`'s training size (w, h) for a frame of size `hw`: long side to imgsz, aspect kept."""
     h0, w0 = hw
     r = imgsz / max(h0, w0) if imgsz else 1
@@ -143,7 +143,7 @@ def load_pair(rgb_path, channels: int, imgsz: int | None = None) -> tuple[np.nda
     """
     rgb_path = Path(rgb_path)
     ir_file = ir_path(rgb_path)
-    rgb, hw0 = _read(rgb_path, cv2.IMREAD_COLOR, lambda hw: fit_size(hw, imgsz))
+    rgb, hw0 = _read(rgb_path, cv2.IMREAD_COLOR, lambda hw: _fit_size(hw, imgsz))
     if rgb is None:
         raise DatasetError(f"{rgb_path}: RGB image is missing or unreadable; replace it or remove it with its label")
     if not ir_file.is_file():
@@ -156,12 +156,8 @@ def load_pair(rgb_path, channels: int, imgsz: int | None = None) -> tuple[np.nda
         raise _ir_error(ir_file, "deep")
     if ir_hw0 != hw0:
         _warn_once("size", f"{ir_file}: IR size {ir_hw0[1]}x{ir_hw0[0]} differs from RGB; resizing IR frames")
-    if channels == 4:  # one SIMD conversion (BGR to RGB plus a 4th channel), then the IR plane
-        stack = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGBA)
-        stack[..., 3] = ir
-    else:  # both frames in RGB order
-        stack = cv2.merge([*cv2.split(rgb)[::-1], *cv2.split(ir)[::-1]])
-    return stack, hw0
+    rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)  # cv2 decodes BGR; the model gets RGB, for IR too
+    return cv2.merge([rgb, ir if ir.ndim == 2 else cv2.cvtColor(ir, cv2.COLOR_BGR2RGB)]), hw0  # stacked once
 
 
 def _warn_if_colour_mapped(ir_file: Path, channels: int) -> None:
@@ -186,10 +182,17 @@ class RGBOnlyHSV(RandomHSV):
         img = labels["img"]
         if not img.flags.c_contiguous:  # cv2 writes the result back into it
             img = labels["img"] = np.ascontiguousarray(img)
-        bgr = np.empty((*img.shape[:2], 3), np.uint8)
-        cv2.mixChannels([img], [bgr], RGB_BGR)  # copies the RGB part only, as the BGR frame stock jitters
-        super().apply_image({"img": bgr})
-        cv2.mixChannels([bgr], [img], RGB_BGR)
+        if img.shape[2] == 4:  # cv2's 4-channel colour conversions are SIMD; the IR plane is set aside meanwhile
+            ir = cv2.extractChannel(img, 3)
+            bgr = cv2.cvtColor(img, cv2.COLOR_RGBA2BGR)
+            super().apply_image({"img": bgr})  # stock jitters a BGR frame
+            cv2.cvtColor(bgr, cv2.COLOR_BGR2RGBA, dst=img)
+            cv2.insertChannel(ir, img, 3)
+        else:
+            bgr = np.empty((*img.shape[:2], 3), np.uint8)
+            cv2.mixChannels([img], [bgr], RGB_BGR)  # copies the RGB part only
+            super().apply_image({"img": bgr})
+            cv2.mixChannels([bgr], [img], RGB_BGR)
         return labels
 
 
