@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_dataset
+from PIL import Image
 from ultralytics.cfg import get_cfg
 from ultralytics.data.augment import RandomHSV
 from ultralytics.data.build import build_dataloader
@@ -357,6 +358,15 @@ def jpeg_pairs(root: Path, n: int, h: int, w: int, ir_layers: int, boxes_per_ima
     return check_det_dataset(str(write_yaml(root, 4)))
 
 
+def save_jpeg(path: Path, img: np.ndarray, orientation: int = 1) -> Path:
+    """A JPEG as cameras write it: PIL, with an EXIF orientation tag (6: to be shown turned 90 degrees clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
 @pytest.mark.parametrize(
     "w, h, imgsz, reduction",
     [(1280, 1024, 640, 2), (1280, 1024, 600, 2), (1280, 1024, 320, 4), (1280, 1024, 160, 8), (1280, 1024, 1280, 1)],
@@ -367,17 +377,36 @@ def test_jpeg_decoded_at_smallest_reduction_at_least_the_training_size(tmp_path,
     touch_image(tmp_path / "images" / "train" / "b.png", np.full((h, w, 3), 60, np.uint8))
     touch_image(tmp_path / "imagesIR" / "train" / "b.png", np.full((h, w), 90, np.uint8))
     decoded = []
-    imread = cv2.imread
-    monkeypatch.setattr(
-        cv2, "imread", lambda path, flags: decoded.append(imread(path, flags).shape[:2]) or imread(path, flags)
-    )
+    imdecode = cv2.imdecode
 
+    def recording_imdecode(buf, flags):
+        im = imdecode(buf, flags)
+        decoded.append(im.shape[:2])
+        return im
+
+    monkeypatch.setattr(cv2, "imdecode", recording_imdecode)
     pair, hw0 = load_pair(rgb, 4, imgsz)
     assert hw0 == (h, w) and pair.shape[:2] == (round(h * imgsz / w), imgsz)
     assert decoded == [(h // reduction, w // reduction)] * 2, "RGB and IR decoded at the smallest fitting reduction"
     decoded.clear()
     load_pair(rgb.with_name("b.png"), 4, imgsz)
     assert decoded == [(h, w)] * 2, "PNG has no reduced decoding: read in full"
+
+
+def test_jpeg_exif_orientation_is_applied_as_stock_does(tmp_path):
+    """A camera JPEG stored 1280x1024 with 'turn 90 degrees' in its EXIF is a 1024x1280 frame, at any reduction."""
+    img = np.zeros((1024, 1280, 3), np.uint8)
+    img[:100, :200] = 255  # a mark in the stored top-left corner: top-right once turned clockwise
+    rgb = save_jpeg(tmp_path / "images" / "train" / "a.jpg", img, orientation=6)
+    save_jpeg(tmp_path / "imagesIR" / "train" / "a.jpg", img, orientation=6)
+    plain = cv2.imread(str(rgb))  # stock's read: cv2 applies the EXIF orientation
+    assert plain.shape[:2] == (1280, 1024)
+    for imgsz in (640, 320, 1280):
+        pair, hw0 = load_pair(rgb, 4, imgsz)
+        assert hw0 == (1280, 1024) and pair.shape == (imgsz, imgsz * 1024 // 1280, 4)
+        expected = cv2.resize(plain, pair.shape[1::-1], interpolation=cv2.INTER_AREA)[..., 0]
+        assert np.abs(pair[..., 0].astype(int) - expected).mean() < 3
+        assert np.abs(pair[..., 3].astype(int) - expected).mean() < 3
 
 
 @pytest.mark.parametrize("channels", [4, 6])

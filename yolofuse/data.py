@@ -15,13 +15,14 @@ import yaml
 from PIL import Image
 from ultralytics.data.augment import RandomHSV
 from ultralytics.data.dataset import YOLODataset
-from ultralytics.data.utils import IMG_FORMATS, exif_size, get_hash, img2label_paths
+from ultralytics.data.utils import IMG_FORMATS, get_hash, img2label_paths
 from ultralytics.utils import LOGGER
 
 RGB_DIR, IR_DIR = "images", "imagesIR"
 SUPPORTED_CHANNELS = {4: "RGB + 1-channel IR", 6: "RGB + 3-channel IR"}
 IR_READ = {4: cv2.IMREAD_GRAYSCALE, 6: cv2.IMREAD_COLOR}  # how IR is decoded for each `channels:` value
 # A JPEG can be scaled by 1/2, 1/4 or 1/8 while it is decoded (in the DCT domain), at a fraction of the full cost.
+JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # SOFn: the size
 JPEG_REDUCED = {
     cv2.IMREAD_COLOR: {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8},
     cv2.IMREAD_GRAYSCALE: {
@@ -100,35 +101,51 @@ def _fit_size(hw: tuple[int, int], imgsz: int | None) -> tuple[int, int]:
     return (min(math.ceil(w0 * r), imgsz), min(math.ceil(h0 * r), imgsz)) if r != 1 else (w0, h0)
 
 
-def _jpeg_hw(path: Path) -> tuple[int, int] | None:
-    """(h, w) of a JPEG as it decodes (EXIF orientation applied), from its header alone; None for other files."""
-    if path.suffix.lower() not in (".jpg", ".jpeg"):
+def _jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(h, w) from a JPEG's frame header (before any EXIF turn); None for other files. Reads only the markers."""
+    if data[:2].tobytes() != b"\xff\xd8":
         return None
-    try:
-        with Image.open(path) as im:
-            return exif_size(im)[::-1] if im.format == "JPEG" else None
-    except Exception:
-        return None  # not readable as a JPEG: the plain decode below reports it
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        if data[i + 1] == 0xFF:  # a fill byte before a marker
+            i += 1
+            continue
+        if data[i + 1] in JPEG_FRAME_MARKERS:
+            return int(data[i + 5]) << 8 | int(data[i + 6]), int(data[i + 7]) << 8 | int(data[i + 8])
+        i += 2 + (int(data[i + 2]) << 8 | int(data[i + 3]))  # skip the segment
+    return None
+
+
+def _reduction(hw: tuple[int, int], size: tuple[int, int]) -> int:
+    """The largest JPEG scale-down (8, 4, 2, else 1) whose output still covers `size`, either way round (EXIF)."""
+    short, long = sorted(hw)
+    need_short, need_long = sorted(size)
+    return next((f for f in (8, 4, 2) if math.ceil(short / f) >= need_short and math.ceil(long / f) >= need_long), 1)
 
 
 def _read(path: Path, flags: int, size_for) -> tuple[np.ndarray | None, tuple[int, int] | None]:
     """Decode one file with cv2 `flags` at the size (w, h) that `size_for(original hw)` gives; (image, original hw).
 
-    A JPEG is decoded at the smallest DCT reduction that is still at least that size, then resized the rest of the
-    way; other formats (PNG, TIFF, ...) are decoded in full and resized. The image is None when unreadable.
+    A JPEG is decoded at the smallest DCT reduction that still covers that size, then resized the rest of the way;
+    other formats (PNG, TIFF, ...) are decoded in full and resized. The image is None when unreadable.
     """
-    hw0 = _jpeg_hw(path)
+    try:
+        data = np.fromfile(path, np.uint8)  # one read; cv2 decodes from memory
+    except OSError:
+        return None, None
+    hw0 = _jpeg_size(data)
     if hw0:
-        w, h = size_for(hw0)
-        fits = [f for f in (8, 4, 2) if math.ceil(hw0[1] / f) >= w and math.ceil(hw0[0] / f) >= h]
-        im = cv2.imread(str(path), JPEG_REDUCED[flags & cv2.IMREAD_COLOR][fits[0]] if fits else flags)
+        factor = _reduction(hw0, size_for(hw0))
+        im = cv2.imdecode(data, JPEG_REDUCED[flags & cv2.IMREAD_COLOR][factor] if factor > 1 else flags)
+        if im is not None and im.shape[:2] != tuple(math.ceil(n / factor) for n in hw0):
+            hw0 = hw0[::-1]  # cv2 turned it as its EXIF orientation says
     else:
-        im = cv2.imread(str(path), flags)
-        if im is None:
-            return None, None
-        hw0 = im.shape[:2]
-        w, h = size_for(hw0)
-    if im is not None and im.shape[:2] != (h, w):
+        im = cv2.imdecode(data, flags) if data.size else None
+        hw0 = im.shape[:2] if im is not None else None
+    if im is None:
+        return None, None
+    w, h = size_for(hw0)
+    if im.shape[:2] != (h, w):
         im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
     return im, hw0
 
