@@ -275,8 +275,8 @@ class PairedDataset(YOLODataset):
             return None
 
     def read_pair(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """`load_pair` at training size, from the disk cache when it holds this key."""
-        return self.cached_pair(i) or load_pair(self.im_files[i], self.channels, self.imgsz)
+        """`load_pair` at training size; with CACHE="disk", from the pair's cache file when that holds this key."""
+        return (self.cache == "disk" and self.cached_pair(i)) or load_pair(self.im_files[i], self.channels, self.imgsz)
 
     def cache_images_to_disk(self, i: int) -> None:
         """Write the pair's cache file when it is missing or stale, atomically: a kill never leaves half a file."""
