@@ -6,7 +6,7 @@ labels/<split>/x.txt (one label file for both). The stacked array is H x W x C, 
 
 import math
 import os
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import cv2
@@ -150,16 +150,18 @@ def _read(path: Path, flags: int, size_for) -> tuple[np.ndarray | None, tuple[in
     return im, hw0
 
 
-def load_pair(rgb_path, channels: int, imgsz: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+def load_pair(
+    rgb_path, channels: int, imgsz: int | None = None, ir_file: Path | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Read one pair the way training, validation and prediction do; returns (stack, the RGB frame's original hw).
 
     The stack is H x W x `channels` uint8, R, G, B, then IR, with its long side resized to `imgsz` (None: the RGB
     frame's own size) and the IR frame resized to the RGB frame. `channels` decides how IR is read, whatever the
     file holds: 4 decodes it as one gray channel (a 3-channel file is converted to gray), 6 as three channels (a
-    1-channel file is replicated).
+    1-channel file is replicated). `ir_file` is the IR partner when the caller has already looked it up.
     """
     rgb_path = Path(rgb_path)
-    ir_file = ir_path(rgb_path)
+    ir_file = ir_file or ir_path(rgb_path)
     rgb, hw0 = _read(rgb_path, cv2.IMREAD_COLOR, lambda hw: _fit_size(hw, imgsz))
     if rgb is None:
         raise DatasetError(f"{rgb_path}: RGB image is missing or unreadable; replace it or remove it with its label")
@@ -236,6 +238,14 @@ class PairedDataset(YOLODataset):
                 transforms.transforms[k] = RGBOnlyHSV(hgain=t.hgain, sgain=t.sgain, vgain=t.vgain)
         return transforms
 
+    @cached_property
+    def ir_files(self) -> list[Path]:
+        """Each image's IR partner, looked up once (pathlib work per sample costs about 3% of a sample).
+
+        First used when images are cached or loaded, after Ultralytics has settled the order of `im_files`.
+        """
+        return [ir_path(f) for f in self.im_files]
+
     def pair_cache_file(self, i: int) -> Path:
         # Own suffix per channel count: never read or overwritten by a stock RGB cache (x.npy).
         return Path(self.im_files[i]).with_suffix(f".pair{self.channels}.npy")
@@ -245,7 +255,7 @@ class PairedDataset(YOLODataset):
 
         (Sizes too: a file copied over another with `cp -p` or `rsync -a` may keep an older mtime.)
         """
-        rgb, ir = os.stat(self.im_files[i]), os.stat(ir_path(self.im_files[i]))
+        rgb, ir = os.stat(self.im_files[i]), os.stat(self.ir_files[i])
         return [self.imgsz, rgb.st_size, rgb.st_mtime_ns, ir.st_size, ir.st_mtime_ns]
 
     def cached_pair(self, i: int, header_only: bool = False):
@@ -276,14 +286,15 @@ class PairedDataset(YOLODataset):
 
     def read_pair(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
         """`load_pair` at training size; with CACHE="disk", from the pair's cache file when that holds this key."""
-        return (self.cache == "disk" and self.cached_pair(i)) or load_pair(self.im_files[i], self.channels, self.imgsz)
+        cached = self.cache == "disk" and self.cached_pair(i)
+        return cached or load_pair(self.im_files[i], self.channels, self.imgsz, self.ir_files[i])
 
     def cache_images_to_disk(self, i: int) -> None:
         """Write the pair's cache file when it is missing or stale, atomically: a kill never leaves half a file."""
         if self.cached_pair(i, header_only=True):
             return
         key = self.cache_key(i)  # before reading: a file changed meanwhile makes this cache stale, not wrong
-        im, (h0, w0) = load_pair(self.im_files[i], self.channels, self.imgsz)
+        im, (h0, w0) = load_pair(self.im_files[i], self.channels, self.imgsz, self.ir_files[i])
         f = self.pair_cache_file(i)
         tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # one per process: DDP ranks may cache the same file
         try:
