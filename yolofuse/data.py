@@ -124,7 +124,7 @@ def _reduction(hw: tuple[int, int], size: tuple[int, int]) -> int:
     return next((f for f in (8, 4, 2) if math.ceil(short / f) >= need_short and math.ceil(long / f) >= need_long), 1)
 
 
-def _read(path: Path, flags: int, size_for) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+def _read(path, flags: int, size_for) -> tuple[np.ndarray | None, tuple[int, int] | None]:
     """Decode one file with cv2 `flags` at the size (w, h) that `size_for(original hw)` gives; (image, original hw).
 
     A JPEG is decoded at the smallest DCT reduction that still covers that size, then resized the rest of the way;
@@ -161,17 +161,14 @@ def load_pair(
     file holds: 4 decodes it as one gray channel (a 3-channel file is converted to gray), 6 as three channels (a
     1-channel file is replicated). `ir_file` is the IR partner when the caller has already looked it up.
     """
-    rgb_path = Path(rgb_path)
     ir_file = ir_file or ir_path(rgb_path)
     rgb, hw0 = _read(rgb_path, cv2.IMREAD_COLOR, lambda hw: _fit_size(hw, imgsz))
     if rgb is None:
         raise DatasetError(f"{rgb_path}: RGB image is missing or unreadable; replace it or remove it with its label")
-    if not ir_file.is_file():
-        raise _ir_error(ir_file, "missing", rgb_path.name)
     size = rgb.shape[1::-1]
     ir, ir_hw0 = _read(ir_file, IR_READ[channels] | cv2.IMREAD_ANYDEPTH, lambda hw: size)  # 16-bit reported, not cut
     if ir is None:
-        raise _ir_error(ir_file, "unreadable")
+        raise _ir_error(ir_file, "unreadable" if ir_file.is_file() else "missing", Path(rgb_path).name)
     if ir.dtype != np.uint8:
         raise _ir_error(ir_file, "deep")
     if ir_hw0 != hw0:
