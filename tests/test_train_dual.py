@@ -458,8 +458,8 @@ def _missing_dataset_folder(data: Path):
     return (), [str(data), str(nowhere)]
 
 
-def _unreadable_ir(data: Path):
-    ir = sorted((data.parent / "imagesIR" / "train").iterdir())[0]
+def _unreadable_ir_mid_set(data: Path):
+    ir = sorted((data.parent / "imagesIR" / "train").iterdir())[5]  # not the first pair: every pair is checked
     ir.write_bytes(b"not an image")
     return (), [str(ir), "unreadable"]
 
@@ -470,7 +470,7 @@ def _unknown_setting(data: Path):
 
 @pytest.mark.parametrize(
     "breaks",
-    [_missing_ir, _junk_label, _missing_config, _missing_dataset_folder, _unreadable_ir, _unknown_setting],
+    [_missing_ir, _junk_label, _missing_config, _missing_dataset_folder, _unreadable_ir_mid_set, _unknown_setting],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_data, breaks):

@@ -172,9 +172,8 @@ class FusePredictor(DetectionPredictor):
     def preprocess(self, im):
         if not isinstance(im, torch.Tensor):
             # The stock loader read only the RGB files; read the pairs (already RGB-first, so no BGR flip).
-            pairs = np.stack(
-                self.pre_transform([load_pair(path, self.model.model.yaml["channels"]) for path in self.batch[0]])
-            )
+            channels, imgsz = self.model.model.yaml["channels"], max(self.imgsz)
+            pairs = np.stack(self.pre_transform([load_pair(path, channels, imgsz)[0] for path in self.batch[0]]))
             im = torch.from_numpy(pairs).to(self.device).permute(0, 3, 1, 2).contiguous()
             return (im.half() if self.model.fp16 else im.float()) / 255
         return super().preprocess(im)
