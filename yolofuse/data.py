@@ -121,13 +121,15 @@ class PairedDataset(YOLODataset):
             return self.ims[i], self.im_hw0[i], self.im_hw[i]
         im = self.read_pair(i)
         h0, w0 = im.shape[:2]
+        # An exported model fixes its input as (h, w); as stock, the long side then goes to the larger of the two.
+        imgsz = max(self.imgsz) if isinstance(self.imgsz, (list, tuple)) else self.imgsz
         if rect_mode:  # long side to imgsz, aspect kept
-            r = self.imgsz / max(h0, w0)
+            r = imgsz / max(h0, w0)
             if r != 1:
-                size = (min(round(w0 * r), self.imgsz), min(round(h0 * r), self.imgsz))
+                size = (min(round(w0 * r), imgsz), min(round(h0 * r), imgsz))
                 im = cv2.resize(im, size, interpolation=cv2.INTER_LINEAR)
-        elif (h0, w0) != (self.imgsz, self.imgsz):
-            im = cv2.resize(im, (self.imgsz, self.imgsz), interpolation=cv2.INTER_LINEAR)
+        elif (h0, w0) != (imgsz, imgsz):
+            im = cv2.resize(im, (imgsz, imgsz), interpolation=cv2.INTER_LINEAR)
         im = im.reshape(*im.shape[:2], self.channels)  # cv2 drops a trailing single channel
         if self.augment and self.cache != "ram":  # keep recent images for mosaic, as stock does
             self.ims[i], self.im_hw0[i], self.im_hw[i] = im, (h0, w0), im.shape[:2]
