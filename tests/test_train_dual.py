@@ -458,9 +458,10 @@ def _missing_dataset_folder(data: Path):
     return (), [str(data), str(nowhere)]
 
 
-def _channels_mismatch(data: Path):
-    data.write_text(data.read_text().replace("channels: 4", "channels: 6"))
-    return (), [str(data.parent / "imagesIR"), "channels"]
+def _unreadable_ir_mid_set(data: Path):
+    ir = sorted((data.parent / "imagesIR" / "train").iterdir())[5]  # not the first pair: every pair is checked
+    ir.write_bytes(b"not an image")
+    return (), [str(ir), "unreadable"]
 
 
 def _unknown_setting(data: Path):
@@ -469,7 +470,7 @@ def _unknown_setting(data: Path):
 
 @pytest.mark.parametrize(
     "breaks",
-    [_missing_ir, _junk_label, _missing_config, _missing_dataset_folder, _channels_mismatch, _unknown_setting],
+    [_missing_ir, _junk_label, _missing_config, _missing_dataset_folder, _unreadable_ir_mid_set, _unknown_setting],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_data, breaks):

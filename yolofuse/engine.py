@@ -15,7 +15,7 @@ from ultralytics.utils import LOGGER, RANK, colorstr, ops
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
 from yolofuse import checkpoint, replay
-from yolofuse.data import DatasetError, PairedDataset, check_dataset
+from yolofuse.data import DatasetError, PairedDataset, check_dataset, load_pair
 from yolofuse.source import PairedSource
 
 DEFAULT_CHANNELS = 4  # RGB + 1-channel IR, when a model is built without a dataset to say otherwise
@@ -234,6 +234,13 @@ class FusePredictor(DetectionPredictor):
         if not isinstance(source, torch.Tensor):  # a stacked (N, C, H, W) tensor in 0..1 goes through as stock
             source = PairedSource(source, self.args.batch, self.args.vid_stride, self.model.channels)
         super().setup_source(source, stride)
+
+    def preprocess(self, im):
+        if not isinstance(im, torch.Tensor) and self.dataset.mode == "image":
+            # The model input is read as training reads it, decoded straight to its size; the full-size pairs in
+            # `im` are for the results. (Video frames have no file: the letterbox resizes them.)
+            im = [load_pair(path, self.model.channels, max(self.imgsz))[0] for path in self.batch[0]]
+        return super().preprocess(im)
 
     def postprocess(self, preds, img, orig_imgs, **kwargs):
         if isinstance(orig_imgs, torch.Tensor):  # stock reverses a tensor's channels as if BGR; ours is RGB first

@@ -1,7 +1,8 @@
 """Prediction sources as RGB+IR pairs: image files, folders, globs, lists and videos, each with its IR partner.
 
 The IR partner is found by the dataset's pairing rule (`images/` -> `imagesIR/`, same name). Images are read with
-`data.load_pair`, exactly as training reads them. A video is read frame by frame beside its IR video.
+`data.load_pair` at full size (the predictor reads the model's input again at its size, as training does). A video
+is read frame by frame beside its IR video.
 """
 
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 from ultralytics.data.loaders import LoadImagesAndVideos, SourceTypes
 from ultralytics.utils import LOGGER
 
-from yolofuse.data import IR_DIR, DatasetError, ir_path, load_pair
+from yolofuse.data import IR_DIR, DatasetError, check_ir_header, ir_path, load_pair
 
 MAX_FRAME_GAP = 1  # RGB and IR videos whose frame counts differ by more are not one recording
 
@@ -25,12 +26,11 @@ def stack_frames(rgb: np.ndarray, ir: np.ndarray, channels: int) -> np.ndarray:
     return np.concatenate([rgb[..., ::-1], ir], axis=2)
 
 
-def ir_partner(rgb: str, video: bool) -> Path:
-    """The IR image or video of an RGB one, by the pairing rule; one line naming it when it is missing."""
+def ir_video(rgb: str) -> Path:
+    """The IR video of an RGB one, by the pairing rule (same file name); one line naming it when it is missing."""
     ir = ir_path(rgb)
     if not ir.is_file():
-        missing = f"{ir}: IR video" if video else f"{ir.with_suffix('.*')}: IR image"  # an image may have any suffix
-        raise DatasetError(f"{missing} for {Path(rgb).name} is missing; add it under {IR_DIR}/ with the same name")
+        raise DatasetError(f"{ir}: IR video for {Path(rgb).name} is missing; add it under {IR_DIR}/ with the same name")
     return ir
 
 
@@ -52,11 +52,11 @@ class PairedSource(LoadImagesAndVideos):
         super().__init__(source, batch=batch, vid_stride=vid_stride, channels=channels)
         self.source_type = SourceTypes()  # files: neither stream, screenshot, in-memory image nor tensor
         for rgb, video in zip(self.files, self.video_flag):  # every partner, before the first prediction
-            ir_partner(rgb, video)
+            ir_video(rgb) if video else check_ir_header(rgb)
 
     def _new_video(self, path: str):
         """Open the RGB video and its IR partner; refuse a pair whose frame counts say it is not one recording."""
-        ir = ir_partner(path, video=True)
+        ir = ir_video(path)
         super()._new_video(path)
         self.ir_cap = cv2.VideoCapture(str(ir))
         if not self.ir_cap.isOpened():
@@ -90,7 +90,7 @@ class PairedSource(LoadImagesAndVideos):
             path = self.files[self.count]
             if not self.video_flag[self.count]:
                 self.mode = "image"
-                pairs.append(load_pair(path, self.channels))
+                pairs.append(load_pair(path, self.channels)[0])  # full size, for the results
                 paths.append(path)
                 info.append(f"image {self.count + 1}/{self.nf} {path}: ")
                 self.count += 1
