@@ -8,6 +8,7 @@ IR saved as 3 channels it must predict what the 4-channel model predicts. Both a
 """
 
 import copy
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import torch
 from conftest import ROOT, make_dataset
 from ultralytics.nn.backends.base import BaseBackend
+from ultralytics.utils import LOGGER
 
 from yolofuse import YOLO, DatasetError
 from yolofuse.data import ir_path
@@ -185,6 +187,24 @@ def test_paired_video_frame_counts(four, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{tmp_path / 'b' / 'imagesIR' / 'clip.avi'}:")
     assert f"{FRAMES - 2} frames" in msg and f"has {FRAMES}" in msg
+
+
+def test_paired_video_that_ends_early_stops_there_with_one_line(four, tmp_path):
+    video = paired_video(four, tmp_path / "c")
+    ir = tmp_path / "c" / "imagesIR" / "clip.avi"
+    ir.write_bytes(ir.read_bytes()[: ir.stat().st_size // 2])  # cut short: its header still says 6 frames
+    assert cv2.VideoCapture(str(ir)).get(cv2.CAP_PROP_FRAME_COUNT) == FRAMES
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    LOGGER.addHandler(handler)
+    try:
+        results = predict(four.weights["pt"], str(video))
+    finally:
+        LOGGER.removeHandler(handler)
+    assert 0 < len(results) < FRAMES
+    ended = [line for line in lines if "ended" in line]
+    assert len(ended) == 1 and f"{ir}: video ended after frame {len(results)}," in ended[0], lines
 
 
 def test_missing_ir_partner_is_one_line_naming_the_file(four, tmp_path):

@@ -75,12 +75,11 @@ class PairedSource(LoadImagesAndVideos):
             rgb_ok, ir_ok = self.cap.grab(), self.ir_cap.grab()
             if not (rgb_ok and ir_ok):
                 break
+        if rgb_ok and ir_ok:
+            (rgb_ok, rgb), (ir_ok, ir) = self.cap.retrieve(), self.ir_cap.retrieve()
         if rgb_ok != ir_ok:
             ended = path if not rgb_ok else ir_path(path)
-            LOGGER.warning(f"{ended}: video ended at frame {self.frame} before its partner; stopping this pair there")
-        if not (rgb_ok and ir_ok):
-            return None
-        (rgb_ok, rgb), (ir_ok, ir) = self.cap.retrieve(), self.ir_cap.retrieve()
+            LOGGER.warning(f"{ended}: video ended after frame {self.frame}, before its partner; stopping this pair")
         return stack_frames(rgb, ir, self.channels) if rgb_ok and ir_ok else None
 
     def __next__(self) -> tuple[list[str], list[np.ndarray], list[str]]:
