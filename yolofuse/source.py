@@ -52,7 +52,10 @@ class PairedSource(LoadImagesAndVideos):
         super().__init__(source, batch=batch, vid_stride=vid_stride, channels=channels)
         self.source_type = SourceTypes()  # files: neither stream, screenshot, in-memory image nor tensor
         for rgb, video in zip(self.files, self.video_flag):  # every partner, before the first prediction
-            ir_video(rgb) if video else check_ir_header(rgb)
+            if video:
+                ir_video(rgb)
+            else:
+                check_ir_header(rgb)  # exists, readable, 8-bit: as the training check does
 
     def _new_video(self, path: str):
         """Open the RGB video and its IR partner; refuse a pair whose frame counts say it is not one recording."""
