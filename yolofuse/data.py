@@ -248,13 +248,18 @@ class PairedDataset(YOLODataset):
         # Own suffix per channel count: never read or overwritten by a stock RGB cache (x.npy).
         return Path(self.im_files[i]).with_suffix(f".pair{self.channels}.npy")
 
+    @property
+    def long_side(self) -> int:
+        """The training size: `imgsz`, or the larger side of an export's fixed (h, w) input, as stock resizes to."""
+        return max(self.imgsz) if isinstance(self.imgsz, (list, tuple)) else self.imgsz
+
     def cache_key(self, i: int) -> list[int]:
         """What a cached pair depends on: the training size, and the size and mtime_ns of both image files.
 
         (Sizes too: a file copied over another with `cp -p` or `rsync -a` may keep an older mtime.)
         """
         rgb, ir = os.stat(self.im_files[i]), os.stat(self.ir_files[i])
-        return [self.imgsz, rgb.st_size, rgb.st_mtime_ns, ir.st_size, ir.st_mtime_ns]
+        return [self.long_side, rgb.st_size, rgb.st_mtime_ns, ir.st_size, ir.st_mtime_ns]
 
     def cached_pair(self, i: int, header_only: bool = False):
         """(stack, original hw) from the disk cache, or None when there is none or it is stale.
@@ -285,14 +290,14 @@ class PairedDataset(YOLODataset):
     def read_pair(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
         """`load_pair` at training size; with CACHE="disk", from the pair's cache file when that holds this key."""
         cached = self.cache == "disk" and self.cached_pair(i)
-        return cached or load_pair(self.im_files[i], self.channels, self.imgsz, self.ir_files[i])
+        return cached or load_pair(self.im_files[i], self.channels, self.long_side, self.ir_files[i])
 
     def cache_images_to_disk(self, i: int) -> None:
         """Write the pair's cache file when it is missing or stale, atomically: a kill never leaves half a file."""
         if self.cached_pair(i, header_only=True):
             return
         key = self.cache_key(i)  # before reading: a file changed meanwhile makes this cache stale, not wrong
-        im, (h0, w0) = load_pair(self.im_files[i], self.channels, self.imgsz, self.ir_files[i])
+        im, (h0, w0) = load_pair(self.im_files[i], self.channels, self.long_side, self.ir_files[i])
         f = self.pair_cache_file(i)
         tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # one per process: DDP ranks may cache the same file
         try:
