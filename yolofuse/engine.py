@@ -12,7 +12,7 @@ from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
-from yolofuse import checkpoint, replay
+from yolofuse import checkpoint, ddp, replay
 from yolofuse.data import PairedDataset, check_dataset, load_pair
 
 DEFAULT_CHANNELS = 4  # RGB + 1-channel IR, when a model is built without a dataset to say otherwise
@@ -55,15 +55,21 @@ def side_by_side(batch: dict) -> dict:
     return {**batch, **wide}
 
 
-class FuseTrainer(DetectionTrainer):
+class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
     """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run."""
 
     def train(self):
+        if not self.ddp:
+            return super().train()
         # Ultralytics deletes save_dir before a fresh multi-GPU run; ours also holds the archived experiments and
         # the lock. Only this launching process reads `self.resume` there; the DDP workers get `args.resume`.
-        if self.ddp:
-            self.resume = True
-        return super().train()
+        self.resume = True
+        with ddp.workers_end_first():
+            return super().train()
+
+    def _setup_ddp(self):
+        ddp.end_with_parent()  # in each DDP worker, first thing
+        super()._setup_ddp()
 
     def get_dataset(self):
         check_dataset(self.args.data)  # one-line errors before Ultralytics' own, longer ones

@@ -1,0 +1,126 @@
+"""Multi-GPU (DDP) training: the launching process, its workers, and a switch that runs the same path on CPUs.
+
+Ultralytics launches DDP itself: the launching process pickles the trainer and its callbacks and runs
+`torch.distributed.run`, which starts one worker per GPU, each in a session of its own.
+"""
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+
+import psutil
+import torch
+import torch.distributed as dist
+from ultralytics.utils import LOCAL_RANK, LOGGER, RANK
+
+# The CPU switch, for tests and machines without GPUs: YOLOFUSE_CPU_DDP=N trains a DEVICE="cpu" run as N DDP processes
+# (gloo), launched by Ultralytics exactly as DEVICE="0,1" would be. Unset, or on a GPU, everything is stock.
+CPU_PROCESSES = int(os.environ.get("YOLOFUSE_CPU_DDP") or 0)
+WORKERS_GONE_TIMEOUT = 60  # s; a killed worker is gone at once, this only bounds a wait on a stuck kernel call
+
+
+@contextmanager
+def workers_end_first():
+    """Ctrl+C or SIGTERM in the launching process: the workers are killed and gone before KeyboardInterrupt leaves.
+
+    Stock lets the interrupt reach `subprocess.run`, which SIGKILLs torch.distributed.run and returns at once. The
+    workers, in their own sessions, would train on beside a re-run after the launcher has released the run lock.
+    """
+    workers = []
+
+    def on_signal(signum, frame):
+        workers.extend(psutil.Process().children(recursive=True))  # while torch.distributed.run still parents them
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        for worker in workers:
+            try:
+                worker.kill()  # psutil checks the PID still names the same process
+            except psutil.NoSuchProcess:
+                pass
+        if survivors := wait_until_gone(workers, WORKERS_GONE_TIMEOUT):
+            LOGGER.warning(f"DDP workers {[p.pid for p in survivors]} still run {WORKERS_GONE_TIMEOUT} s after SIGKILL")
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def wait_until_gone(processes, timeout: float) -> list:
+    """Wait until every process has exited (a zombie has: only its exit status is left for its parent to read).
+
+    Returns those still running after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in processes:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        processes = alive
+        time.sleep(0.05)
+
+
+def end_with_parent() -> None:
+    """In a DDP worker: be killed when torch.distributed.run dies, even by SIGKILL (Linux).
+
+    torch.distributed.run starts each worker in a session of its own, so a kill of the launcher's process group
+    (Ctrl+C in a terminal, a job scheduler's kill) reaches torch.distributed.run but not the workers.
+    """
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """DDP for a CPU module: torch refuses `device_ids` there, and stock Ultralytics always passes [device.index]."""
+
+    def __init__(self, module, device_ids=None, **kwargs):
+        super().__init__(module, **kwargs)
+
+
+class NoFinalValidation:
+    """Stands in for the validator in stock `final_eval` on CPU ranks, which re-validates best.pt on a CUDA device."""
+
+    def __init__(self, validator):
+        self.args = validator.args
+
+    def __call__(self, model=None) -> dict:
+        LOGGER.info("YOLOFUSE_CPU_DDP: no final validation (stock does it on a CUDA device); best.pt keeps its metrics")
+        return {}
+
+
+class CpuSwitch:
+    """Trainer mixin: with YOLOFUSE_CPU_DDP=N and a CPU device, train as N DDP processes; otherwise stock.
+
+    Stock Ultralytics gives a CPU device world size 0, and its DDP code assumes an accelerator in three places:
+    `_setup_ddp` (set_device, NCCL), the DDP wrap (`device_ids`), and the final validation of best.pt on the ranks.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_cpu_ranks = CPU_PROCESSES > 1 and self.device.type == "cpu"
+        if self.on_cpu_ranks:
+            self.world_size, self.ddp = CPU_PROCESSES, LOCAL_RANK == -1  # as stock sets them for DEVICE="0,1"
+
+    def _setup_ddp(self):
+        if not self.on_cpu_ranks:
+            return super()._setup_ddp()
+        torch.set_num_threads(1)  # the ranks share the machine's cores
+        torch.nn.parallel.DistributedDataParallel = CpuDistributedDataParallel  # in this worker process only
+        dist.init_process_group("gloo", rank=RANK, world_size=self.world_size)
+
+    def final_eval(self):
+        if self.on_cpu_ranks:
+            self.validator = NoFinalValidation(self.validator)
+        return super().final_eval()
