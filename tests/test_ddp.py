@@ -314,15 +314,23 @@ def test_finished_ddp_run_is_archived_by_the_next_launch(story, fresh, group_kil
 # 3. SIGKILL of the whole process group after epoch 2: every process dies; the re-run resumes at epoch 3 on both ranks
 
 
-def test_group_sigkill_after_epoch_2_then_rerun_resumes_at_epoch_3(story, group_killed, sigtermed, finished):
+def test_group_sigkill_after_epoch_2_leaves_no_worker_running(group_killed):
     assert group_killed.rc == -signal.SIGKILL, group_killed.launch.tail()
     assert group_killed.survivors == [], "DDP workers outlived their killed process group"
     assert group_killed.saved["epoch"] == 1 and group_killed.csv == [1, 2]
+
+
+def test_rerun_after_group_sigkill_resumes_at_epoch_3_on_both_ranks(group_killed, sigtermed, finished):
     assert_resumed_at_epoch_3(sigtermed.launch, group_killed.saved)
     assert finished.rc == 0, finished.launch.tail()
     assert finished.csv == [1, 2, 3], "an epoch is missing or repeated"
     assert finished.state == "finished"
-    for launch in (group_killed.launch, sigtermed.launch, finished.launch):
+
+
+def test_rank_1_never_writes_into_the_run_folder_on_resume_or_kill(
+    story, group_killed, sigtermed, worker_killed, finished
+):
+    for launch in (group_killed.launch, sigtermed.launch, worker_killed.launch, finished.launch):
         assert written(launch, 1, story.runs) == [], f"rank 1 wrote into the run folder in {launch.folder.name}"
 
 
@@ -343,7 +351,7 @@ def test_sigterm_ends_the_workers_before_the_lock_is_released(story, sigtermed):
 # 4. SIGKILL of one worker mid-epoch: the launcher ends soon with a line saying to re-run; the re-run resumes
 
 
-def test_one_worker_sigkill_ends_the_launch_then_rerun_resumes(story, group_killed, worker_killed, finished):
+def test_one_worker_sigkill_ends_the_launch_with_a_line_to_rerun(story, worker_killed):
     launch = worker_killed.launch
     assert worker_killed.rc == 1, launch.tail()
     assert worker_killed.seconds < 60, f"the launcher took {worker_killed.seconds:.0f} s to end"
@@ -352,5 +360,9 @@ def test_one_worker_sigkill_ends_the_launch_then_rerun_resumes(story, group_kill
     assert "train_dual.py` again to resume" in last_line, last_line
     assert worker_killed.survivors == [] and not worker_killed.locked
     assert worker_killed.last_epoch == 1
+
+
+def test_rerun_after_a_worker_died_resumes_at_epoch_3(group_killed, worker_killed, finished):
+    assert "Unfinished run" in finished.launch.stdout, finished.launch.tail()
     assert_resumed_at_epoch_3(finished.launch, group_killed.saved)
-    assert finished.csv == [1, 2, 3]
+    assert finished.rc == 0 and finished.csv == [1, 2, 3], finished.launch.tail()
