@@ -12,9 +12,10 @@ Each rank R appends JSON lines to <folder>/rank<R>.jsonl:
     {"start_epoch": s, "world_size": w}          after the trainer's setup, resume included
 and saves its optimizer state after setup to <folder>/rank<R>.optimizer.pt.
 
-KILLER_DDP_PAUSE=<rank>:<epoch>:<callback>: on that rank, in that 0-based epoch, at that Ultralytics callback
-(on_train_batch_end: mid-epoch; on_fit_epoch_end: after the epoch is saved), write <folder>/paused (the worker's PID),
-then wait for a signal; after 300 s it trains on.
+KILLER_DDP_PAUSE=<rank>:<epoch>:<when>: on that rank, in that 0-based epoch, at <when>, write <folder>/paused (the
+worker's PID), then wait for a signal; after 300 s it goes on. <when> is an Ultralytics callback (on_train_batch_end:
+mid-epoch; on_fit_epoch_end: after the epoch is saved), or "start" with epoch -1: as the worker unpickles the
+callbacks, before its trainer exists.
 """
 
 import json
@@ -65,24 +66,24 @@ def on_pretrain_routine_end(trainer) -> None:
         record(start_epoch=trainer.start_epoch, world_size=trainer.world_size)
 
 
-def _pause_here(callback: str, trainer) -> None:
+def _pause_here(when: str) -> None:
     global _paused
     spec = os.environ.get("KILLER_DDP_PAUSE", "")
     if not (_log and spec) or _paused:
         return
-    rank, at_epoch, at_callback = spec.split(":")
-    if (int(rank), int(at_epoch), at_callback) == (RANK, trainer.epoch, callback):
+    rank, at_epoch, at_when = spec.split(":")
+    if (int(rank), int(at_epoch), at_when) == (RANK, epoch, when):
         _paused = True
         (Path(FOLDER) / "paused").write_text(str(os.getpid()))
         time.sleep(300)
 
 
 def on_train_batch_end(trainer) -> None:
-    _pause_here("on_train_batch_end", trainer)
+    _pause_here("on_train_batch_end")
 
 
 def on_fit_epoch_end(trainer) -> None:
-    _pause_here("on_fit_epoch_end", trainer)
+    _pause_here("on_fit_epoch_end")
 
 
 CALLBACKS = [on_train_epoch_start, on_pretrain_routine_end, on_train_batch_end, on_fit_epoch_end]
@@ -105,3 +106,4 @@ if FOLDER and RANK >= 0:
     record(pid=os.getpid())
     sys.addaudithook(_audit)
     _watch_prune()
+    _pause_here("start")

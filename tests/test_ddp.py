@@ -8,7 +8,7 @@ Ultralytics' generate_ddp_command and its temp file, torch.distributed.run.
 One run folder goes through five launches, each a module fixture that needs the one before:
   1. fresh: 3 epochs, uninterrupted, beside archived experiments;
   2. group_killed: the next launch archives it, starts fresh, and its process group is SIGKILLed after epoch 2;
-  3. sigtermed: the re-run resumes at epoch 3, and the launcher gets SIGTERM mid-epoch;
+  3. sigtermed: the re-run gets SIGTERM while its workers start;
   4. worker_killed: the re-run resumes at epoch 3, and one worker is SIGKILLed mid-epoch;
   5. finished: the re-run resumes at epoch 3 and finishes.
 """
@@ -81,9 +81,9 @@ class Launch:
         return found
 
     def wait_paused(self) -> int:
-        """Wait until the probe paused a rank; returns that worker's PID."""
+        """Wait until the probe paused a rank and both ranks have started; returns the paused worker's PID."""
         paused, deadline = self.folder / "paused", time.monotonic() + LAUNCH_TIMEOUT
-        while not (paused.exists() and paused.read_text()):
+        while not (paused.exists() and paused.read_text() and len(self.ranks()) == 2):
             assert self.proc.poll() is None, f"the launch ended (rc {self.proc.returncode}) unpaused\n{self.tail()}"
             assert time.monotonic() < deadline, f"no pause\n{self.tail()}"
             time.sleep(0.05)
@@ -213,7 +213,7 @@ def group_killed(story, fresh):
 
 @pytest.fixture(scope="module")
 def sigtermed(story, group_killed):
-    launch = Launch(story, "3-sigtermed", pause="0:2:on_train_batch_end")
+    launch = Launch(story, "3-sigtermed", pause="0:-1:start")  # rank 0 starting, before _setup_ddp
     launch.wait_paused()
     workers = launch.workers()
     launch.proc.send_signal(signal.SIGTERM)  # to the launcher only, as a job scheduler or `kill` does
@@ -229,6 +229,9 @@ def sigtermed(story, group_killed):
 
 @pytest.fixture(scope="module")
 def worker_killed(story, sigtermed):
+    csv = story.runs / "results.csv"
+    rows = csv.read_text().splitlines(keepends=True)
+    csv.write_text("".join(rows) + "3" + rows[-1][rows[-1].index(",") :])  # epoch 3's row, as if killed before its save
     launch = Launch(story, "4-worker-killed", pause="1:2:on_train_batch_end")
     pid = launch.wait_paused()
     workers = launch.workers()
@@ -242,6 +245,7 @@ def worker_killed(story, sigtermed):
         survivors=alive(workers),
         locked=is_locked(story.runs),
         last_epoch=load_ckpt(story.runs / "weights" / "last.pt")["epoch"],
+        csv=csv_epochs(story.runs),
     )
 
 
@@ -320,22 +324,21 @@ def test_group_sigkill_after_epoch_2_leaves_no_worker_running(group_killed):
     assert group_killed.saved["epoch"] == 1 and group_killed.csv == [1, 2]
 
 
-def test_rerun_after_group_sigkill_resumes_at_epoch_3_on_both_ranks(group_killed, sigtermed, finished):
-    assert_resumed_at_epoch_3(sigtermed.launch, group_killed.saved)
+def test_rerun_after_group_sigkill_resumes_at_epoch_3_on_both_ranks(group_killed, worker_killed, finished):
+    assert_resumed_at_epoch_3(worker_killed.launch, group_killed.saved)  # (the launch before it never trained)
+    assert worker_killed.csv == [1, 2], "the row of the unsaved epoch 3 was not dropped on resume"
     assert finished.rc == 0, finished.launch.tail()
     assert finished.csv == [1, 2, 3], "an epoch is missing or repeated"
     assert finished.state == "finished"
 
 
-def test_rank_1_never_writes_into_the_run_folder_on_resume_or_kill(
-    story, group_killed, sigtermed, worker_killed, finished
-):
-    for launch in (group_killed.launch, sigtermed.launch, worker_killed.launch, finished.launch):
+def test_rank_1_never_writes_into_the_run_folder_on_resume_or_kill(story, group_killed, worker_killed, finished):
+    for launch in (group_killed.launch, worker_killed.launch, finished.launch):
         assert written(launch, 1, story.runs) == [], f"rank 1 wrote into the run folder in {launch.folder.name}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Issue 15.7: SIGTERM to the launcher ends the workers before the run lock is released
+# Issue 15.7: SIGTERM to the launcher ends the workers before the run lock is released, even workers still starting
 
 
 def test_sigterm_ends_the_workers_before_the_lock_is_released(story, sigtermed):
@@ -344,7 +347,7 @@ def test_sigterm_ends_the_workers_before_the_lock_is_released(story, sigtermed):
     assert re.search(r"python train_dual\.py.* again", launch.stderr), launch.tail()
     assert sigtermed.survivors == [], "workers still ran after the launcher released the lock"
     assert not sigtermed.locked
-    assert sigtermed.last_epoch == 1  # nothing saved from the interrupted epoch 3
+    assert sigtermed.last_epoch == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -107,7 +107,8 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
             replay.restore(self, ckpt[replay.RESUME_KEY], self.start_epoch)
         else:
             LOGGER.warning(f"{self.args.resume} has no exact-resume state; resuming from its FP16 EMA as stock does")
-        checkpoint.trim_results(self.csv, self.start_epoch)
+        if RANK in {-1, 0}:  # under DDP every rank resumes; one writes
+            checkpoint.trim_results(self.csv, self.start_epoch)
 
     @contextmanager
     def staged_checkpoints(self):
