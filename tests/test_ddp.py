@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import psutil
 import pytest
+import torch
 from conftest import killer_cmd, make_dataset
 from test_train_dual import assert_same_optimizer_state, csv_epochs, load_ckpt, snapshot
 
@@ -130,6 +132,12 @@ def run_files(runs: Path) -> dict[str, str]:
     }
 
 
+def final_state(runs: Path) -> tuple[dict, pd.DataFrame]:
+    """A finished run's weights (the stripped last.pt keeps the EMA as `model`) and results.csv without times."""
+    model = load_ckpt(runs / "weights" / "last.pt")["model"].state_dict()
+    return model, pd.read_csv(runs / "results.csv").drop(columns="time")
+
+
 def setup_of(launch: Launch) -> dict[int, dict]:
     """rank -> its record after the trainer's setup (start_epoch, world_size)."""
     return {rank: next(e for e in log if "start_epoch" in e) for rank, log in launch.ranks().items()}
@@ -189,6 +197,7 @@ def fresh(story):
         csv=csv_epochs(story.runs),
         state=checkpoint.probe(last, EPOCHS).state,
         best_metrics=load_ckpt(best)["train_metrics"] if best.exists() else None,
+        final=final_state(story.runs) if rc == 0 else None,
         run=run_files(story.runs),
         archives=snapshot(story.runs),
     )
@@ -258,6 +267,7 @@ def finished(story, worker_killed):
         rc=rc,
         csv=csv_epochs(story.runs),
         state=checkpoint.probe(story.runs / "weights" / "last.pt", EPOCHS).state,
+        final=final_state(story.runs) if rc == 0 else None,
     )
 
 
@@ -330,6 +340,16 @@ def test_rerun_after_group_sigkill_resumes_at_epoch_3_on_both_ranks(group_killed
     assert finished.rc == 0, finished.launch.tail()
     assert finished.csv == [1, 2, 3], "an epoch is missing or repeated"
     assert finished.state == "finished"
+
+
+def test_killed_and_resumed_run_ends_bit_identical_to_the_uninterrupted_one(fresh, finished):
+    """Both are fresh 3-epoch runs with the same settings; the second was killed after epoch 2 and resumed."""
+    assert fresh.rc == 0 and finished.rc == 0, finished.launch.tail()
+    (straight, straight_csv), (resumed, resumed_csv) = fresh.final, finished.final
+    assert straight.keys() == resumed.keys()
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not different, f"{len(different)} of {len(straight)} tensors differ, e.g. {different[:3]}"
+    pd.testing.assert_frame_equal(straight_csv, resumed_csv, check_exact=True)
 
 
 def test_rank_1_never_writes_into_the_run_folder_on_resume_or_kill(story, group_killed, worker_killed, finished):

@@ -71,6 +71,12 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
         ddp.end_with_parent()  # in each DDP worker, first thing
         super()._setup_ddp()
 
+    def validate(self):
+        """Stock validation; under DDP every rank then hands in its RNG streams, for the last.pt rank 0 saves next."""
+        result = super().validate()
+        self.rank_states = replay.gather_rank_states(self) if self.world_size > 1 else None
+        return result
+
     def get_dataset(self):
         check_dataset(self.args.data)  # one-line errors before Ultralytics' own, longer ones
         return super().get_dataset()
@@ -126,7 +132,7 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
             saved = super().save_model()
         staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
         ckpt = torch.load(staged_last, map_location="cpu", weights_only=False)
-        torch.save({**ckpt, replay.RESUME_KEY: replay.capture(self)}, staged_last)
+        torch.save({**ckpt, replay.RESUME_KEY: replay.capture(self, getattr(self, "rank_states", None))}, staged_last)
         checkpoint.commit(staged_last, self.last, keep_previous=True)
         if staged_best.exists():
             strip_optimizer(staged_best)
