@@ -34,6 +34,7 @@ from yolofuse.lock import LOCK_NAME, is_locked
 
 EPOCHS = 3
 POLICY = ("CLEANUP_EVERY=2", "KEEP_LATEST=1", "MAP_WHITELIST=0.9", "MIN_FREE_GB=0")  # prune due after epoch 2 only
+MOSAIC = "CLOSE_MOSAIC=0"  # mosaic in every epoch: the one after a resume draws from the restored buffers
 LAUNCH_TIMEOUT = 420  # s for one launch; ~40 s on a 2-core CPU shared with other jobs
 WORKERS_GONE_TIMEOUT = 30  # s
 DONE = re.compile(r"^Done\. best\.pt: (\S+)  mAP50 (\S+)  mAP50-95 (\S+)$", re.MULTILINE)
@@ -50,7 +51,7 @@ class Launch:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "YOLOFUSE_CPU_DDP": "2", "KILLER_DDP_PROBE": str(self.folder)}
         if pause:
             env["KILLER_DDP_PAUSE"] = pause
-        settings = (f"RUNS_DIR={story.runs}", f"DATA={story.data}", f"EPOCHS={EPOCHS}", "DEVICE=cpu", *POLICY)
+        settings = (f"RUNS_DIR={story.runs}", f"DATA={story.data}", f"EPOCHS={EPOCHS}", "DEVICE=cpu", MOSAIC, *POLICY)
         with open(self.folder / "stdout", "w") as out, open(self.folder / "stderr", "w") as err:
             self.proc = subprocess.Popen(killer_cmd(*settings), stdout=out, stderr=err, env=env, start_new_session=True)
         _launches.append(self)
