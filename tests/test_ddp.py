@@ -11,6 +11,9 @@ One run folder goes through five launches, each a module fixture that needs the 
   3. sigtermed: the re-run gets SIGTERM while its workers start;
   4. worker_killed: the re-run resumes at epoch 3, and one worker is SIGKILLed mid-epoch;
   5. finished: the re-run resumes at epoch 3 and finishes.
+
+On a machine with 2 GPUs, `YOLOFUSE_TEST_DDP_DEVICE=0,1 pytest tests/test_ddp.py` runs the same launches on them,
+with stock NCCL and no CPU switch.
 """
 
 import json
@@ -32,6 +35,7 @@ from test_train_dual import assert_same_optimizer_state, csv_epochs, load_ckpt, 
 from yolofuse import checkpoint
 from yolofuse.lock import LOCK_NAME, is_locked
 
+DEVICE = os.environ.get("YOLOFUSE_TEST_DDP_DEVICE", "cpu")  # "cpu": 2 CPU ranks; "0,1": two GPUs
 EPOCHS = 3
 POLICY = ("CLEANUP_EVERY=2", "KEEP_LATEST=1", "MAP_WHITELIST=0.9", "MIN_FREE_GB=0")  # prune due after epoch 2 only
 MOSAIC = "CLOSE_MOSAIC=0"  # mosaic in every epoch: the one after a resume draws from the restored buffers
@@ -43,15 +47,21 @@ _launches = []
 
 
 class Launch:
-    """killer.py in the background as 2 CPU DDP ranks, in a session of its own; probe records in `folder`."""
+    """killer.py in the background as 2 DDP ranks, in a session of its own; probe records in `folder`."""
 
     def __init__(self, story, name: str, pause: str = ""):
         self.folder = story.base / name
         self.folder.mkdir()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "YOLOFUSE_CPU_DDP": "2", "KILLER_DDP_PROBE": str(self.folder)}
-        if pause:
-            env["KILLER_DDP_PAUSE"] = pause
-        settings = (f"RUNS_DIR={story.runs}", f"DATA={story.data}", f"EPOCHS={EPOCHS}", "DEVICE=cpu", MOSAIC, *POLICY)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILLER_DDP_PROBE": str(self.folder), "KILLER_DDP_PAUSE": pause}
+        env["YOLOFUSE_CPU_DDP"] = "2" if DEVICE == "cpu" else ""
+        settings = (
+            f"RUNS_DIR={story.runs}",
+            f"DATA={story.data}",
+            f"EPOCHS={EPOCHS}",
+            f"DEVICE={DEVICE}",
+            MOSAIC,
+            *POLICY,
+        )
         with open(self.folder / "stdout", "w") as out, open(self.folder / "stderr", "w") as err:
             self.proc = subprocess.Popen(killer_cmd(*settings), stdout=out, stderr=err, env=env, start_new_session=True)
         _launches.append(self)
@@ -279,7 +289,7 @@ def finished(story, worker_killed):
 def test_fresh_run_trains_every_epoch_and_only_rank_0_writes(story, fresh):
     launch = fresh.launch
     assert fresh.rc == 0, launch.tail()
-    assert "2 CPU processes" in launch.stdout, launch.tail()
+    assert DEVICE != "cpu" or "2 CPU processes" in launch.stdout, launch.tail()
     assert setup_of(launch) == {r: {"start_epoch": 0, "world_size": 2} for r in (0, 1)}, launch.tail()
     assert fresh.csv == [1, 2, 3]
     assert fresh.state == "finished", "the final strip did not happen"
@@ -306,6 +316,8 @@ def test_prune_runs_on_rank_0_only_on_due_epochs_and_the_archives_survive(story,
     assert fresh.rc == 0, fresh.launch.tail()
     prunes = {rank: [e["epoch"] for e in log if "prune" in e] for rank, log in fresh.launch.ranks().items()}
     assert prunes == {0: [1], 1: []}, prunes  # CLEANUP_EVERY=2 of 3 epochs; not after final_eval's extra callback
+    newest = [line for line in fresh.launch.stdout.splitlines() if line.endswith("exp5  29 B  kept: newest")]
+    assert len(newest) == 2, newest  # every decision on one line: before training (launcher), after epoch 2 (rank 0)
     assert (story.runs / LOCK_NAME).is_file(), "the run lock was deleted"
     exps = sorted(p.name for p in story.runs.iterdir() if p.name.startswith("exp"))
     assert exps == ["exp2", "exp3", "exp5", "exp5_best"]  # kept: whitelisted, .keep, newest, renamed
