@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ultralytics.utils import LOCAL_RANK, LOGGER, RANK
 
 # The CPU switch, for tests and machines without GPUs: YOLOFUSE_CPU_DDP=N trains a DEVICE="cpu" run as N DDP processes
-# (gloo), launched by Ultralytics exactly as DEVICE="0,1" would be. Unset, or on a GPU, everything is stock.
+# (gloo), launched by Ultralytics exactly as DEVICE="0,1" would be. Unset, or with a GPU device, it changes nothing.
 CPU_PROCESSES = int(os.environ.get("YOLOFUSE_CPU_DDP") or 0)
 WORKERS_GONE_TIMEOUT = 60  # s; a killed worker is gone at once, this only bounds a wait on a stuck kernel call
 
@@ -109,18 +109,18 @@ class CpuSwitch:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.on_cpu_ranks = CPU_PROCESSES > 1 and self.device.type == "cpu"
-        if self.on_cpu_ranks:
+        self.cpu_ddp = CPU_PROCESSES > 1 and self.device.type == "cpu"
+        if self.cpu_ddp:
             self.world_size, self.ddp = CPU_PROCESSES, LOCAL_RANK == -1  # as stock sets them for DEVICE="0,1"
 
     def _setup_ddp(self):
-        if not self.on_cpu_ranks:
+        if not self.cpu_ddp:
             return super()._setup_ddp()
         torch.set_num_threads(1)  # the ranks share the machine's cores
         torch.nn.parallel.DistributedDataParallel = CpuDistributedDataParallel  # in this worker process only
         dist.init_process_group("gloo", rank=RANK, world_size=self.world_size)
 
     def final_eval(self):
-        if self.on_cpu_ranks:
+        if self.cpu_ddp:
             self.validator = NoFinalValidation(self.validator)
         return super().final_eval()
