@@ -4,10 +4,9 @@ Ultralytics launches DDP itself: the launching process pickles the trainer and i
 `torch.distributed.run`, which starts one worker per GPU, each in a session of its own.
 """
 
-import ctypes
 import os
 import signal
-import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -20,14 +19,18 @@ from ultralytics.utils import LOCAL_RANK, LOGGER, RANK
 # (gloo), launched by Ultralytics exactly as DEVICE="0,1" would be. Unset, or with a GPU device, it changes nothing.
 CPU_PROCESSES = int(os.environ.get("YOLOFUSE_CPU_DDP") or 0)
 WORKERS_GONE_TIMEOUT = 60  # s; a killed worker is gone at once, this only bounds a wait on a stuck kernel call
+LAUNCHER_VAR = "YOLOFUSE_DDP_LAUNCHER"  # the launching process's PID, for its DDP workers (who inherit it)
 
 
 @contextmanager
 def workers_end_first():
-    """Ctrl+C or SIGTERM in the launching process: the workers are killed and gone before KeyboardInterrupt leaves.
+    """Around the DDP launch, in the launching process: however this process ends, its workers end first or with it.
 
-    Stock lets the interrupt reach `subprocess.run`, which SIGKILLs torch.distributed.run and returns at once. The
-    workers, in their own sessions, would train on beside a re-run after the launcher has released the run lock.
+    Killed, even by SIGKILL: each worker watches this process and kills itself within a second (`watch_launcher`).
+    torch.distributed.run survives the launcher and starts the workers in sessions of their own, so without this they
+    would train on, beside a re-run, once the launcher's run lock is gone.
+    Ctrl+C or SIGTERM: stock lets the interrupt reach `subprocess.run`, which SIGKILLs torch.distributed.run and
+    returns at once; here the workers are killed too, and gone, before KeyboardInterrupt leaves.
     """
     workers = []
 
@@ -36,6 +39,7 @@ def workers_end_first():
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    os.environ[LAUNCHER_VAR] = str(os.getpid())
     try:
         yield
     except KeyboardInterrupt:
@@ -48,38 +52,43 @@ def workers_end_first():
             LOGGER.warning(f"DDP workers {[p.pid for p in survivors]} still run {WORKERS_GONE_TIMEOUT} s after SIGKILL")
         raise
     finally:
+        del os.environ[LAUNCHER_VAR]
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+def watch_launcher() -> None:
+    """In a DDP worker: SIGKILL this process within a second of the launching process's end (`workers_end_first`)."""
+    pid = os.environ.get(LAUNCHER_VAR)
+    if not pid:
+        return  # started by torch.distributed.run without our launcher
+    try:
+        launcher = psutil.Process(int(pid))
+    except psutil.NoSuchProcess:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch():
+        while running(launcher):
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+def running(process: psutil.Process) -> bool:
+    """Whether `process` still runs (a zombie has ended: only its exit status is left for its parent to read)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def wait_until_gone(processes, timeout: float) -> list:
-    """Wait until every process has exited (a zombie has: only its exit status is left for its parent to read).
-
-    Returns those still running after `timeout` seconds."""
+    """Wait until every process has ended; returns those still running after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for p in processes:
-            try:
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        processes = alive
+    while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def end_with_parent() -> None:
-    """In a DDP worker: be killed when torch.distributed.run dies, even by SIGKILL (Linux).
-
-    torch.distributed.run starts each worker in a session of its own, so a kill of the launcher's process group
-    (Ctrl+C in a terminal, a job scheduler's kill) reaches torch.distributed.run but not the workers.
-    """
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    return alive
 
 
 class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):

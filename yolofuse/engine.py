@@ -68,7 +68,7 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
             return super().train()
 
     def _setup_ddp(self):
-        ddp.end_with_parent()  # in each DDP worker, first thing
+        ddp.watch_launcher()  # in each DDP worker, first thing
         super()._setup_ddp()
 
     def validate(self):
