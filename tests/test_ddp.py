@@ -55,6 +55,7 @@ class Launch:
         self.folder.mkdir()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILLER_DDP_PROBE": str(self.folder), "KILLER_DDP_PAUSE": pause}
         env["YOLOFUSE_CPU_DDP"] = "2" if DEVICE == "cpu" else ""
+        env["YOLO_CONFIG_DIR"] = str(story.base / "config")  # the DDP temp files of killed launches stay in here
         settings = (
             f"RUNS_DIR={story.runs}",
             f"DATA={story.data}",
