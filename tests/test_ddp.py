@@ -40,7 +40,7 @@ DEVICE = os.environ.get("YOLOFUSE_TEST_DDP_DEVICE", "cpu")  # "cpu": 2 CPU ranks
 EPOCHS = 3
 POLICY = ("CLEANUP_EVERY=2", "KEEP_LATEST=1", "MAP_WHITELIST=0.9", "MIN_FREE_GB=0")  # prune due after epoch 2 only
 MOSAIC = "CLOSE_MOSAIC=0"  # mosaic in every epoch: the one after a resume draws from the restored buffers
-LAUNCH_TIMEOUT = 420  # s for one launch; ~40 s on a 2-core CPU shared with other jobs
+LAUNCH_TIMEOUT = 420  # s for one launch; 10 to 50 s on a 2-core CPU, depending on the other jobs
 WORKERS_GONE_TIMEOUT = 30  # s
 DONE = re.compile(r"^Done\. best\.pt: (\S+)  mAP50 (\S+)  mAP50-95 (\S+)$", re.MULTILINE)
 
@@ -80,10 +80,11 @@ class Launch:
         return f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}"
 
     def ranks(self) -> dict[int, list[dict]]:
-        """rank -> the JSON lines its probe wrote."""
+        """rank -> the JSON lines its probe wrote (a line still being written is left out)."""
         logs = {}
         for path in sorted(self.folder.glob("rank*.jsonl")):
-            logs[int(path.stem[4:])] = [json.loads(line) for line in path.read_text().splitlines()]
+            lines = path.read_text().splitlines(keepends=True)
+            logs[int(path.stem[4:])] = [json.loads(line) for line in lines if line.endswith("\n")]
         return logs
 
     def workers(self) -> list[psutil.Process]:
