@@ -632,6 +632,9 @@ class PruneCallback:
 
         if RANK not in (-1, 0) or self.training_over:
             return
+        if not log.hasHandlers():  # a DDP worker: train_dual.py set up this log in the launching process only
+            log.addHandler(logging.StreamHandler(sys.stdout))
+            log.setLevel(logging.INFO)
         try:
             # Ultralytics sets trainer.stop on the loop's last epoch, early stop or not
             self.training_over = bool(getattr(trainer, "stop", False)) or trainer.epoch + 1 >= trainer.epochs

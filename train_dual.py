@@ -10,6 +10,7 @@ import ast
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
-from yolofuse import YOLO, checkpoint, pretrained
+from yolofuse import YOLO, checkpoint, ddp, pretrained
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset
 from yolofuse.lock import RunLock, RunLockedError
@@ -69,12 +70,16 @@ def resolve(path) -> Path:
 
 def pick_device():
     if DEVICE is not None:
-        return str(DEVICE)
-    if torch.cuda.is_available():
+        device = str(DEVICE)
+    elif torch.cuda.is_available():
         print(f"Training on the GPU: cuda:0 ({torch.cuda.get_device_name(0)}).")
         return "0"
-    print("No CUDA GPU found: training on the CPU, which is much slower.")
-    return "cpu"
+    else:
+        print("No CUDA GPU found: training on the CPU, which is much slower.")
+        device = "cpu"
+    if device == "cpu" and ddp.CPU_PROCESSES > 1:
+        print(f"YOLOFUSE_CPU_DDP={ddp.CPU_PROCESSES}: the multi-GPU code path, on {ddp.CPU_PROCESSES} CPU processes.")
+    return device
 
 
 def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str]]:
@@ -152,7 +157,8 @@ def main() -> int:
             settings.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
         model.train(**settings)
-        metrics = model.trainer.metrics or {}
+        # After multi-GPU training only the workers validated; Ultralytics then loads best.pt here, with its metrics
+        metrics = model.trainer.metrics or model.ckpt.get("train_metrics") or {}
         print(
             f"Done. best.pt: {model.trainer.best}  mAP50 {metrics.get('metrics/mAP50(B)', float('nan')):.3f}  "
             f"mAP50-95 {metrics.get('metrics/mAP50-95(B)', float('nan')):.3f}"
@@ -170,5 +176,11 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         sys.exit(130)
+    except subprocess.CalledProcessError as e:  # multi-GPU: torch.distributed.run failed; the workers said why above
+        sys.exit(
+            f"error: multi-GPU training stopped (torch.distributed.run exit status {e.returncode}, cause above). "
+            f"Every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}: "
+            "run `python train_dual.py` again to resume."
+        )
     except (DatasetError, CheckpointError, RunLockedError) as e:
         sys.exit(f"error: {e}")

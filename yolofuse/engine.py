@@ -14,7 +14,7 @@ from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER, RANK, colorstr, ops
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
-from yolofuse import checkpoint, replay
+from yolofuse import checkpoint, ddp, replay
 from yolofuse.data import DatasetError, PairedDataset, check_dataset, load_pair
 from yolofuse.source import PairedSource
 
@@ -58,15 +58,27 @@ def side_by_side(batch: dict) -> dict:
     return {**batch, **wide}
 
 
-class FuseTrainer(DetectionTrainer):
+class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
     """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run."""
 
     def train(self):
+        if not self.ddp:
+            return super().train()
         # Ultralytics deletes save_dir before a fresh multi-GPU run; ours also holds the archived experiments and
         # the lock. Only this launching process reads `self.resume` there; the DDP workers get `args.resume`.
-        if self.ddp:
-            self.resume = True
-        return super().train()
+        self.resume = True
+        with ddp.workers_end_first():
+            return super().train()
+
+    def _setup_ddp(self):
+        ddp.watch_launcher()  # in each DDP worker, first thing
+        super()._setup_ddp()
+
+    def validate(self):
+        """Stock validation; under DDP every rank then hands in its RNG streams, for the last.pt rank 0 saves next."""
+        result = super().validate()
+        self.rank_states = replay.gather_rank_states(self) if self.world_size > 1 else None
+        return result
 
     def get_dataset(self):
         check_dataset(self.args.data)  # one-line errors before Ultralytics' own, longer ones
@@ -104,7 +116,8 @@ class FuseTrainer(DetectionTrainer):
             replay.restore(self, ckpt[replay.RESUME_KEY], self.start_epoch)
         else:
             LOGGER.warning(f"{self.args.resume} has no exact-resume state; resuming from its FP16 EMA as stock does")
-        checkpoint.trim_results(self.csv, self.start_epoch)
+        if RANK in {-1, 0}:  # under DDP every rank resumes; one writes
+            checkpoint.trim_results(self.csv, self.start_epoch)
 
     @contextmanager
     def staged_checkpoints(self):
@@ -122,7 +135,7 @@ class FuseTrainer(DetectionTrainer):
             saved = super().save_model()
         staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
         ckpt = torch.load(staged_last, map_location="cpu", weights_only=False)
-        torch.save({**ckpt, replay.RESUME_KEY: replay.capture(self)}, staged_last)
+        torch.save({**ckpt, replay.RESUME_KEY: replay.capture(self, getattr(self, "rank_states", None))}, staged_last)
         checkpoint.commit(staged_last, self.last, keep_previous=True)
         if staged_best.exists():
             strip_optimizer(staged_best)
