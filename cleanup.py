@@ -1,12 +1,18 @@
-"""Prune old experiment folders in the runs folder: move them to a trash first, purge the trash later.
+"""Prune old experiment folders in the runs folder: move them to a trash first; later purge them, or pack them
+into an archive folder; copy the models worth keeping to a backup folder. Restore an archive to a free expN.
 
-Importable (`prune`, `make_callback`) and a command line:
+Importable (`prune`, `make_callback`, `restore`) and a command line:
 
-    python cleanup.py [RUNS_DIR] [--keep N] [--map X] [--dry-run] [--purge-trash]
+    python cleanup.py [RUNS_DIR] [--keep N] [--map X] [--older-than AGE] [--archive-to DIR] [--backup-to DIR]
+                      [--dry-run] [--purge-trash]
+    python cleanup.py --restore ARCHIVE [RUNS_DIR]
 """
 
 import argparse
+import ast
 import calendar
+import functools
+import hashlib
 import logging
 import math
 import os
@@ -14,21 +20,31 @@ import re
 import shutil
 import stat
 import sys
+import tarfile
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from yolofuse.lock import is_locked
+from yolofuse.checkpoint import commit, next_experiment, staged
+from yolofuse.lock import CLEANUP_LOCK_NAME, FolderLock, LockedError, is_locked
 
 log = logging.getLogger("cleanup")
 
+ROOT = Path(__file__).resolve().parent
 EXP_NAME = re.compile(r"exp\d+")  # the only folder names that may ever be pruned
 TRASH_NAME = ".trash"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # UTC in the trash entry's name: its age survives copies and touches
 MAP_COLUMN = "metrics/mAP50(B)"
 GB = 1e9
+ARCHIVE_SUFFIX = ".tar"  # not .tar.gz: gzip saves ~11% on .pt files at a small fraction of the speed (bench_cleanup)
+BACKUP_FILES = ("weights/best.pt", "results.csv", "args.yaml")  # what a kept experiment's backup holds
+CALLBACK_BUDGET_S = 1.0  # the most a cleanup pass holds up training; the rest goes on in a background thread
+CLI_LOCK_WAIT_S = 10.0  # a command-line run waits this long for another cleanup (training's) before it skips
+AGE_UNITS = {"h": 3600, "d": 86400, "w": 7 * 86400}  # for --older-than
 
 
 @dataclass(frozen=True)
@@ -59,12 +75,21 @@ class Report:
     kept: list = field(default_factory=list)
     trashed: list = field(default_factory=list)
     purged: list = field(default_factory=list)
+    archived: list = field(default_factory=list)
+    backed_up: list = field(default_factory=list)  # one item per file copied
     bytes_freed: int = 0
     dry_run: bool = False
+    skipped: bool = False  # another cleanup held the lock: nothing was looked at
 
     def table(self) -> str:
         title = "cleanup (dry run, nothing changed)" if self.dry_run else "cleanup"
-        rows = (("kept", self.kept), ("trashed", self.trashed), ("purged", self.purged))
+        rows = (
+            ("kept", self.kept),
+            ("trashed", self.trashed),
+            ("purged", self.purged),
+            ("archived", self.archived),
+            ("backed up", self.backed_up),
+        )
         lines = [title, f"{'':<12}{'count':>7}{'size':>12}"]
         lines += [f"{name:<12}{len(items):>7}{human_size(sum(s for _, s, _ in items)):>12}" for name, items in rows]
         lines.append(f"{'space freed':<19}{human_size(self.bytes_freed):>12}")
@@ -101,6 +126,11 @@ def _free_bytes(path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _create(path):
+    """Open a new file for writing; a function so tests can fake a disk that fills up part-way."""
+    return open(path, "wb")
+
+
 def _is_real_dir(path) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)  # lstat: a symlink to a folder is not a folder here
@@ -126,20 +156,19 @@ def map50_from_csv(csv_path) -> tuple[float | None, str]:
 
 
 def map50_from_checkpoint(pt_path) -> tuple[float | None, str]:
-    """mAP50 stored by Ultralytics in a checkpoint's `train_metrics`."""
+    """mAP50 stored by Ultralytics in a checkpoint's `train_metrics`.
+
+    Unpickling the model imports `yolofuse.nn` by its module path, which registers the fusion layer."""
     if not os.path.isfile(pt_path):
         return None, "weights/best.pt missing"
     import torch  # only here: the CLI stays fast when every results.csv is fine
 
     try:
-        import yolofuse  # noqa: F401  registers the custom layers that unpickling the model needs
-    except ImportError:
-        pass
-    try:
         ckpt = torch.load(pt_path, map_location="cpu", weights_only=False)
         value = float(ckpt["train_metrics"][MAP_COLUMN])
     except Exception as e:  # a bad pickle can raise almost anything
-        return None, f"weights/best.pt unreadable ({type(e).__name__})"
+        reason = (str(e).splitlines() or [""])[0][:80]
+        return None, f"weights/best.pt unreadable ({type(e).__name__}: {reason})"
     if math.isnan(value):
         return None, "weights/best.pt has no mAP50 number"
     return value, "weights/best.pt"
@@ -184,8 +213,16 @@ def find_candidates(runs_dir) -> list[Candidate]:
     return candidates
 
 
-def decide(candidates, keep_latest: int, map_whitelist: float) -> dict[Path, str]:
-    """Reason for each candidate's fate; the first reason that applies wins, in the order written below."""
+def is_worth_backing_up(c: Candidate, map_whitelist: float) -> bool:
+    """Kept for its mAP or its .keep (whether or not it is also among the newest); a live run is not finished."""
+    return not c.in_use and (c.has_keep or (c.map50 is not None and c.map50 >= map_whitelist))
+
+
+def decide(
+    candidates, keep_latest: int, map_whitelist: float, min_age: float | None = None, now: float = 0.0
+) -> dict[Path, str]:
+    """Reason for each candidate's fate; the first reason that applies wins, in the order written below.
+    With `min_age` (seconds), experiments younger than that (by ctime, at `now`) are kept too."""
     if keep_latest < 0:
         raise ValueError(f"keep_latest must be >= 0, got {keep_latest}")
     # ties: larger N is newer; a kept-for-another-reason candidate still takes its place among the newest
@@ -201,9 +238,23 @@ def decide(candidates, keep_latest: int, map_whitelist: float) -> dict[Path, str
             reasons[c.path] = "kept: newest"
         elif c.map50 is not None and c.map50 >= map_whitelist:
             reasons[c.path] = f"kept: whitelisted mAP50={c.map50:.3g}"
+        elif min_age is not None and now - c.ctime < min_age:
+            reasons[c.path] = f"kept: younger than {format_age(min_age)}"
         else:
             reasons[c.path] = "trashed"
     return reasons
+
+
+def parse_age(text: str) -> float:
+    """Seconds in an age like `14d`, `36h` or `2w`."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([hdw])", text.strip())
+    if not match:
+        raise ValueError(f"age {text!r} is not a number followed by h, d or w (e.g. 14d)")
+    return float(match[1]) * AGE_UNITS[match[2]]
+
+
+def format_age(seconds: float) -> str:
+    return f"{seconds / 86400:g}d" if seconds % 3600 == 0 and seconds >= 86400 else f"{seconds / 3600:g}h"
 
 
 def _stamp_of(name: str) -> float | None:
@@ -263,6 +314,165 @@ def _purge(entry: TrashEntry) -> int:
     return entry.size - (dir_size(entry.path) if os.path.lexists(entry.path) else 0)
 
 
+# --- archive ----------------------------------------------------------------------------------------------------
+
+
+class ArchiveError(RuntimeError):
+    """An archive does not hold its folder whole."""
+
+
+def archive_path(entry: TrashEntry, archive_dir: Path) -> Path:
+    """`ARCHIVE_DIR/exp3-<UTC stamp>.tar`: the trash entry's own name, so a retry after a kill finds its archive."""
+    return Path(archive_dir) / (entry.path.name + ARCHIVE_SUFFIX)
+
+
+def folder_listing(folder: Path) -> dict[str, tuple]:
+    """{path relative to `folder`: (kind, size or link target)} of everything under it, symlinks not followed."""
+    listing = {}
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                kind = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                kind = ("dir", 0)
+            elif stat.S_ISREG(st.st_mode):
+                kind = ("file", st.st_size)
+            else:
+                kind = ("other", 0)  # fifo, socket, device: an archive that drops one does not match
+            listing[os.path.relpath(path, folder)] = kind
+    return listing
+
+
+def archive_listing(members: list, top: str) -> dict[str, tuple]:
+    """The same listing as `folder_listing`, from the members of an archive of the folder `top`."""
+    file_sizes = {m.name: m.size for m in members if m.isreg()}
+    listing = {}
+    for m in members:
+        if m.name == top:
+            continue
+        if m.issym():
+            kind = ("link", m.linkname)
+        elif m.isdir():
+            kind = ("dir", 0)
+        elif m.islnk():
+            kind = ("file", file_sizes.get(m.linkname))  # a hard link: the size of the file it shares
+        elif m.isreg():
+            kind = ("file", m.size)
+        else:
+            kind = ("other", 0)
+        listing[m.name.removeprefix(top + "/")] = kind
+    return listing
+
+
+def check_archive(archive: Path, folder: Path, top: str) -> None:
+    """Raise ArchiveError unless `archive` opens, holds every member's data in full (tarfile checks that while
+    listing), and lists every path under `folder` with its kind and size or link target."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ArchiveError(f"does not open ({type(e).__name__}: {e})") from None
+    stored, expected = archive_listing(members, top), folder_listing(folder)
+    if stored != expected:
+        differ = min(name for name in stored.keys() | expected.keys() if stored.get(name) != expected.get(name))
+        raise ArchiveError(f"holds {len(stored)} entries, the folder {len(expected)}; first to differ: {differ}")
+
+
+def write_archive(folder: Path, final: Path, top: str) -> None:
+    """Pack `folder` as `top/...` into `final`: written to a temp name, checked against the folder, fsynced, renamed.
+    On any failure (or a kill) `final` is never created; the temp file is removed, or overwritten by the retry."""
+    tmp = staged(final)
+    done = False
+    try:
+        with _create(tmp) as f, tarfile.open(fileobj=f, mode="w") as tar:
+            tar.add(folder, arcname=top)  # never follows symlinks
+        check_archive(tmp, folder, top)
+        commit(tmp, final)  # fsync, rename, fsync the folder
+        done = True
+    finally:
+        if not done:
+            tmp.unlink(missing_ok=True)
+
+
+def archive_entry(entry: TrashEntry, archive_dir: Path, dry_run: bool) -> Path | None:
+    """Archive one trash entry (the caller then removes it): the archive's path, or None, logged in one line."""
+    final = archive_path(entry, archive_dir)
+    top = entry.path.name.rpartition("-")[0]  # exp3, as `tar -cf exp3.tar exp3` would name it
+    try:
+        if os.path.lexists(final):  # a run killed after the rename: the archive was checked before it got its name
+            log.info(f"{entry.path}  already archived as {final}")
+        elif not dry_run:
+            free = _free_bytes(archive_dir)
+            if free < entry.size:
+                raise ArchiveError(f"{human_size(free)} free in {archive_dir}, it needs {human_size(entry.size)}")
+            write_archive(entry.path, final, top)
+    except (ArchiveError, OSError, tarfile.TarError) as e:
+        log.warning(f"{entry.path}  not archived, kept in the trash: {e}")
+        return None
+    return final
+
+
+# --- backup -----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """SHA-256 of a file, remembered by (path, size, mtime, inode): an unchanged file is read once per process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest(path: Path) -> str:
+    st = os.stat(path)
+    return _digest_of(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def same_content(a: Path, b: Path) -> bool:
+    return b.is_file() and a.stat().st_size == b.stat().st_size and _digest(a) == _digest(b)
+
+
+def back_up(exp: Path, backup_dir: Path, dry_run: bool) -> list:
+    """Copy `exp`'s BACKUP_FILES to `backup_dir/<exp name>/`, durably, skipping those already there with the same
+    content; returns (copy, size, reason) for each file copied. Raises OSError when the backup folder fails."""
+    copied = []
+    for name in BACKUP_FILES:
+        source, copy = exp / name, backup_dir / exp.name / name
+        if not source.is_file() or source.is_symlink() or same_content(source, copy):
+            continue
+        if not dry_run:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, staged(copy))
+            commit(staged(copy), copy)  # fsync, rename over an older copy, fsync the folder
+        copied.append((copy, source.stat().st_size, "backed up"))
+    return copied
+
+
+def back_up_kept(candidates, map_whitelist: float, backup_dir: Path, report: Report) -> None:
+    """Back up every experiment kept for its mAP or its .keep; a failure is logged, never raised."""
+    worth = [c for c in sorted(candidates, key=lambda c: c.number) if is_worth_backing_up(c, map_whitelist)]
+    if worth and not _is_real_dir(backup_dir):
+        log.warning(f"{backup_dir}  is not a folder (not mounted?): no backups this time; create it or fix it")
+        return
+    for c in worth:
+        try:
+            copied = back_up(c.path, backup_dir, report.dry_run)
+        except OSError as e:
+            log.warning(f"{c.path}  backup to {backup_dir / c.path.name} failed, retried next cleanup: {e}")
+            continue
+        for copy, size, reason in copied:
+            source = c.path / copy.relative_to(backup_dir / c.path.name)
+            _log_decision(report.dry_run, source, size, reason, f" to {copy}")
+        report.backed_up += copied
+
+
+# --- prune ------------------------------------------------------------------------------------------------------
+
+
 def _log_decision(dry_run, path, size, reason, note=""):
     log.info(f"{'[dry run] ' if dry_run else ''}{path}  {human_size(size)}  {reason}{note}")
 
@@ -271,6 +481,33 @@ def _trash_note(c: Candidate, map_whitelist: float) -> str:
     if c.map50 is None:
         return f" (not whitelisted: {c.map_source})"
     return f" (mAP50={c.map50:.3g} < {map_whitelist:g}, from {c.map_source})"
+
+
+@contextmanager
+def cleanup_lock(runs_dir: Path, wait: float):
+    """Hold `runs_dir/.cleanup.lock` and yield True, or yield False (one log line) when another cleanup keeps it
+    longer than `wait` seconds."""
+    lock = FolderLock(runs_dir, CLEANUP_LOCK_NAME)
+    try:
+        try:
+            lock.acquire()
+        except LockedError as e:
+            if wait <= 0:
+                raise
+            log.info(f"another cleanup is running ({e}): waiting up to {wait:g} s")
+            lock.acquire(wait=wait)
+    except LockedError as e:
+        log.info(f"cleanup skipped, another cleanup is running: {e}")
+        yield False
+        return
+    except OSError as e:  # a read-only runs folder, say
+        log.warning(f"cleanup skipped, its lock can't be taken: {e}")
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def prune(
@@ -282,10 +519,18 @@ def prune(
     dry_run: bool = False,
     purge_all: bool = False,
     now: float | None = None,
+    archive_dir=None,
+    backup_dir=None,
+    min_age: float | None = None,
+    lock_wait: float = 0.0,
 ) -> Report:
-    """Trash the `exp<N>` folders nobody needs, then purge trash entries older than `trash_hours` (all of them if
-    `purge_all`), and more, oldest first, while the disk has less than `min_free_gb` free.
-    A dry run reports the same and changes nothing."""
+    """Trash the `exp<N>` folders nobody needs and back up the kept ones worth it (with `backup_dir`); then purge
+    trash entries older than `trash_hours` (all of them if `purge_all`), and more, oldest first, while the disk has
+    less than `min_free_gb` free. With `archive_dir`, a trash entry is archived there instead of purged. `min_age`
+    (seconds) spares younger experiments. A dry run reports the same and changes nothing.
+
+    Holds `runs_dir/.cleanup.lock` throughout, so two cleanups never prune one folder at once: the second waits up
+    to `lock_wait` seconds, then skips with a log line (a dry run changes nothing and takes no lock)."""
     runs_dir = Path(runs_dir)
     now = time.time() if now is None else now
     report = Report(dry_run=dry_run)
@@ -298,9 +543,23 @@ def prune(
         log.warning(f"{trash_dir}  is not a real folder; nothing done")
         return report
 
-    trash = find_trash(trash_dir)
-    candidates = find_candidates(runs_dir)
-    reasons = decide(candidates, keep_latest, map_whitelist)
+    with nullcontext(True) if dry_run else cleanup_lock(runs_dir, lock_wait) as held:
+        if not held:
+            report.skipped = True
+            return report
+        trash = find_trash(trash_dir)
+        candidates = find_candidates(runs_dir)
+        reasons = decide(candidates, keep_latest, map_whitelist, min_age, now)
+        _trash_unneeded(candidates, reasons, trash_dir, now, map_whitelist, trash, report)
+        if backup_dir is not None:
+            back_up_kept(candidates, map_whitelist, Path(backup_dir), report)
+        _empty_trash(trash, runs_dir, now, trash_hours, min_free_gb, purge_all, archive_dir, report)
+    return report
+
+
+def _trash_unneeded(candidates, reasons, trash_dir, now, map_whitelist, trash, report) -> None:
+    """Move the candidates decided "trashed" into the trash (adding them to `trash`); log every decision."""
+    dry_run = report.dry_run
     for c in sorted(candidates, key=lambda c: c.number):
         reason = reasons[c.path]
         if reason == "trashed":
@@ -314,28 +573,48 @@ def prune(
         report.kept.append((c.path, c.size, reason))
         _log_decision(dry_run, c.path, c.size, reason)
 
+
+def _empty_trash(trash, runs_dir, now, trash_hours, min_free_gb, purge_all, archive_dir, report) -> None:
+    """Purge (or archive, then remove) the trash entries that are due, oldest first."""
+    dry_run = report.dry_run
+    if archive_dir is not None and not _is_real_dir(archive_dir):
+        log.warning(f"{archive_dir}  is not a folder (not mounted?): nothing archived this time; create it or fix it")
+        return
     free = free_before = _free_bytes(runs_dir)  # queried once then counted up, so a dry run computes the same
-    for entry in sorted(trash, key=lambda e: e.stamp):  # oldest first
+    for entry in sorted(trash, key=lambda e: e.stamp):
         why = why_purge(entry, now, trash_hours, free, min_free_gb, purge_all)
         if why is None:
             continue
+        if archive_dir is not None:
+            archive = archive_entry(entry, Path(archive_dir), dry_run)
+            if archive is None:
+                continue  # logged; the entry stays in the trash
+            done, what, note = report.archived, "archived", f" to {archive} ({why})"
+        else:
+            done, what, note = report.purged, "purged", f" ({why})"
         freed = entry.size if dry_run else _purge(entry)
         free += freed
         report.bytes_freed += freed
         if dry_run or not os.path.lexists(entry.path):
-            report.purged.append((entry.path, entry.size, "purged"))
-            _log_decision(dry_run, entry.path, entry.size, "purged", f" ({why})")
+            done.append((entry.path, entry.size, what))
+            _log_decision(dry_run, entry.path, entry.size, what, note)
     if free_before < min_free_gb * GB:
         log.info(
             f"{'[dry run] ' if dry_run else ''}low disk: {human_size(free_before)} free < {min_free_gb:g} GB, "
-            f"purged {human_size(report.bytes_freed)}, {human_size(free)} free now"
+            f"freed {human_size(report.bytes_freed)}, {human_size(free)} free now"
         )
-    return report
+
+
+# --- in training ------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class PruneCallback:
-    """Ultralytics `on_fit_epoch_end` callback; a plain class so cloudpickle can ship it to DDP workers."""
+    """Ultralytics `on_fit_epoch_end` callback; a plain class so cloudpickle can ship it to DDP workers.
+
+    Each pass runs in a background thread and the callback waits for it at most `budget_s`: a slow or hung archive
+    or backup folder never holds training up longer. A pass still running when the next one is due makes that one
+    skip (the cleanup lock), with a log line."""
 
     runs_dir: str
     keep_latest: int
@@ -343,6 +622,9 @@ class PruneCallback:
     every: int
     min_free_gb: float
     trash_hours: float
+    archive_dir: str | None = None
+    backup_dir: str | None = None
+    budget_s: float = CALLBACK_BUDGET_S
     training_over: bool = False  # set on the loop's last epoch; final_eval then fires this callback once more
 
     def __call__(self, trainer):
@@ -350,40 +632,156 @@ class PruneCallback:
 
         if RANK not in (-1, 0) or self.training_over:
             return
+        if not log.hasHandlers():  # a DDP worker: train_dual.py set up this log in the launching process only
+            log.addHandler(logging.StreamHandler(sys.stdout))
+            log.setLevel(logging.INFO)
         try:
             # Ultralytics sets trainer.stop on the loop's last epoch, early stop or not
             self.training_over = bool(getattr(trainer, "stop", False)) or trainer.epoch + 1 >= trainer.epochs
             due = (trainer.epoch + 1) % self.every == 0  # epoch is 0-based
             if due or _free_bytes(self.runs_dir) < self.min_free_gb * GB:
-                prune(self.runs_dir, self.keep_latest, self.map_whitelist, self.trash_hours, self.min_free_gb)
+                self.start_pass()
         except Exception as e:  # a failed cleanup must never cost a training
             log.warning(f"cleanup failed at epoch {getattr(trainer, 'epoch', '?')}, training goes on: {e!r}")
 
+    def start_pass(self) -> None:
+        """One cleanup pass, waited for at most `budget_s`; the rest finishes in the background."""
+        worker = threading.Thread(target=self._pass, name="cleanup", daemon=True)
+        worker.start()
+        worker.join(self.budget_s)
+        if worker.is_alive():
+            log.info(f"cleanup still busy after {self.budget_s:g} s; it goes on in the background, training goes on")
 
-def make_callback(runs_dir, keep_latest, map_whitelist, every, min_free_gb, trash_hours) -> PruneCallback:
+    def _pass(self) -> None:
+        try:
+            prune(
+                self.runs_dir,
+                self.keep_latest,
+                self.map_whitelist,
+                self.trash_hours,
+                self.min_free_gb,
+                archive_dir=self.archive_dir,
+                backup_dir=self.backup_dir,
+            )
+        except Exception as e:  # the thread has no caller to raise to
+            log.warning(f"cleanup failed, training goes on: {e!r}")
+
+
+def make_callback(
+    runs_dir, keep_latest, map_whitelist, every, min_free_gb, trash_hours, archive_dir=None, backup_dir=None
+) -> PruneCallback:
     """The `on_fit_epoch_end` callback train_dual.py registers: prune every `every` epochs or when the disk is low."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
-    return PruneCallback(str(runs_dir), keep_latest, map_whitelist, every, min_free_gb, trash_hours)
+    folders = (str(d) if d is not None else None for d in (archive_dir, backup_dir))
+    return PruneCallback(str(runs_dir), keep_latest, map_whitelist, every, min_free_gb, trash_hours, *folders)
+
+
+# --- restore ----------------------------------------------------------------------------------------------------
+
+
+class RestoreError(RuntimeError):
+    """An archive that can't be restored; the message names it and why."""
+
+
+def _single_top(members) -> str | None:
+    """The folder every member sits in (`exp3` of `exp3/...`), or None when members sit side by side."""
+    tops = {m.name.split("/", 1)[0] for m in members}
+    top = tops.pop() if len(tops) == 1 else None
+    if top in (None, ".") or not all((m.name == top and m.isdir()) or m.name.startswith(top + "/") for m in members):
+        return None
+    return top
+
+
+def _refusal(member: tarfile.TarInfo, target: Path) -> str | None:
+    """Why `member` may not be unpacked into `target`, or None. tarfile's "data" filter refuses `..` and links
+    that leave the target; it would unpack an absolute path inside the target, but such an archive is not ours."""
+    if os.path.isabs(member.name):
+        return "an absolute path"
+    try:
+        tarfile.data_filter(member, str(target))
+    except tarfile.FilterError as e:
+        return str(e)
+    return None
+
+
+def restore(archive, runs_dir) -> Path:
+    """Unpack `archive` (.tar or .tar.gz) into the next free `expN` of `runs_dir` and return that folder.
+
+    Every member is checked before anything is written: an absolute path, a `..` that leaves the target, or a link
+    pointing outside it refuses the whole archive. It is unpacked to a hidden folder first, then renamed."""
+    archive, runs_dir = Path(archive), Path(runs_dir)
+    if not _is_real_dir(runs_dir):
+        raise RestoreError(f"{runs_dir} is not a folder; create it or name another RUNS_DIR")
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise RestoreError(f"{archive} is not a readable tar archive ({type(e).__name__}: {e})") from None
+    unpack = runs_dir / f".restoring-{archive.name}"
+    with tar:
+        members = tar.getmembers()
+        if not members:
+            raise RestoreError(f"{archive} is empty; nothing restored")
+        for m in members:
+            why = _refusal(m, unpack)
+            if why:
+                raise RestoreError(
+                    f"{archive}: member {m.name!r} refused ({why}); nothing restored. Unpack it by hand if you trust it"
+                )
+        shutil.rmtree(unpack, ignore_errors=True)  # left by a restore that was killed
+        try:
+            tar.extractall(unpack, filter="data")
+            top = _single_top(members)
+            target = next_experiment(runs_dir)
+            if os.path.lexists(target):
+                raise RestoreError(f"{target} appeared meanwhile; run the restore again")
+            os.rename(unpack / top if top else unpack, target)
+        finally:
+            shutil.rmtree(unpack, ignore_errors=True)
+    return target
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def train_dual_settings(*names: str, source: Path = ROOT / "train_dual.py") -> dict:
+    """train_dual.py's constants, read from its source: importing it would load torch and Ultralytics (seconds)."""
+    values = {}
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in names:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+    missing = [name for name in names if name not in values]
+    if missing:
+        raise SystemExit(f"error: {source} has no constant {missing[0]}; restore it there, or pass the option")
+    return values
 
 
 def _cli_defaults() -> dict:
     """train_dual.py's constants, so the command line prunes like training does."""
-    import train_dual
+    s = train_dual_settings(
+        "RUNS_DIR", "KEEP_LATEST", "MAP_WHITELIST", "TRASH_HOURS", "MIN_FREE_GB", "ARCHIVE_DIR", "BACKUP_DIR"
+    )
 
-    # a relative RUNS_DIR there means relative to train_dual.py's folder, not to the cwd
+    def resolve(path):  # as train_dual.py does: a relative path is relative to its folder, not to the cwd
+        return None if path is None else Path(path) if Path(path).is_absolute() else ROOT / path
+
     return dict(
-        runs_dir=train_dual.resolve(train_dual.RUNS_DIR),
-        keep=train_dual.KEEP_LATEST,
-        map=train_dual.MAP_WHITELIST,
-        trash_hours=train_dual.TRASH_HOURS,
-        min_free_gb=train_dual.MIN_FREE_GB,
+        runs_dir=resolve(s["RUNS_DIR"]),
+        keep=s["KEEP_LATEST"],
+        map=s["MAP_WHITELIST"],
+        trash_hours=s["TRASH_HOURS"],
+        min_free_gb=s["MIN_FREE_GB"],
+        archive_to=resolve(s["ARCHIVE_DIR"]),
+        backup_to=resolve(s["BACKUP_DIR"]),
     )
 
 
 def main(argv=None) -> int:
     defaults = _cli_defaults()
-    parser = argparse.ArgumentParser(description="Move old exp<N> runs to RUNS_DIR/.trash and purge old trash.")
+    parser = argparse.ArgumentParser(
+        description="Move old exp<N> runs to RUNS_DIR/.trash; purge or archive old trash; back up the kept models."
+    )
     parser.add_argument(
         "runs_dir", nargs="?", type=Path, default=defaults["runs_dir"], metavar="RUNS_DIR", help="default: %(default)s"
     )
@@ -393,23 +791,55 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--map", type=float, default=defaults["map"], help="best mAP50 >= this is kept (default %(default)s)"
     )
+    parser.add_argument(
+        "--older-than", type=parse_age, metavar="AGE", help="only experiments older than AGE (14d, 36h, 2w) may go"
+    )
+    parser.add_argument(
+        "--archive-to",
+        type=Path,
+        default=defaults["archive_to"],
+        metavar="DIR",
+        help="archive trash entries there instead of purging them (default: ARCHIVE_DIR, %(default)s)",
+    )
+    parser.add_argument(
+        "--backup-to",
+        type=Path,
+        default=defaults["backup_to"],
+        metavar="DIR",
+        help="copy best.pt, results.csv, args.yaml of kept experiments there (default: BACKUP_DIR, %(default)s)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would happen, change nothing")
-    parser.add_argument("--purge-trash", action="store_true", help="also purge the whole trash now, whatever its age")
+    parser.add_argument("--purge-trash", action="store_true", help="also empty the whole trash now, whatever its age")
+    parser.add_argument("--restore", type=Path, metavar="ARCHIVE", help="unpack ARCHIVE to the next free RUNS_DIR/expN")
     args = parser.parse_args(argv)
     if args.keep < 0:
         parser.error("--keep must be >= 0")
 
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+    runs_dir = args.runs_dir.absolute()  # relative to the cwd; absolute so the log says where
+    if args.restore is not None:
+        try:
+            target = restore(args.restore, runs_dir)
+        except (RestoreError, OSError, tarfile.TarError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"Restored {args.restore} to {target}. Add {target / '.keep'} so that cleanup leaves it alone.")
+        return 0
     report = prune(
-        args.runs_dir.absolute(),  # relative to the cwd; absolute so the log says where
+        runs_dir,
         keep_latest=args.keep,
         map_whitelist=args.map,
         trash_hours=defaults["trash_hours"],
         min_free_gb=defaults["min_free_gb"],
         dry_run=args.dry_run,
         purge_all=args.purge_trash,
+        archive_dir=args.archive_to,
+        backup_dir=args.backup_to,
+        min_age=args.older_than,
+        lock_wait=CLI_LOCK_WAIT_S,
     )
-    print(report.table())
+    if not report.skipped:
+        print(report.table())
     return 0
 
 

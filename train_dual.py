@@ -10,6 +10,7 @@ import ast
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
-from yolofuse import YOLO, checkpoint
+from yolofuse import YOLO, checkpoint, ddp, pretrained
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset
 from yolofuse.lock import RunLock, RunLockedError
@@ -26,6 +27,7 @@ from yolofuse.lock import RunLock, RunLockedError
 # Settings: edit here, or override one run with NAME=value on the command line. Relative paths are from this folder.
 DATA = "data_config.yaml"  # paired RGB+IR dataset config (its comments show how to point it at LLVIP)
 MODEL = "yolov8n-fuse.yaml"  # architecture for fresh runs; a resumed run keeps its checkpoint's architecture
+WEIGHTS = None  # a fresh run starts from this Ultralytics detection checkpoint (e.g. "yolov8n.pt"); None: random
 RUNS_DIR = "runs/fuse"  # the live run trains here; finished runs are archived to RUNS_DIR/expN
 EPOCHS = 100  # total epochs; raise it and re-run to extend an unfinished run
 BATCH = 16  # images per batch
@@ -42,6 +44,8 @@ MAP_WHITELIST = 0.8  # ...and every experiment whose best mAP50 is at least this
 CLEANUP_EVERY = 10  # prune old experiments every this many epochs (and at once when the disk is nearly full)
 TRASH_HOURS = 24.0  # pruned experiments wait in RUNS_DIR/.trash this long before they are deleted
 MIN_FREE_GB = 5.0  # below this much free disk, the trash is emptied at once
+ARCHIVE_DIR = None  # a folder (e.g. on a NAS): trash entries are packed there as .tar instead of deleted
+BACKUP_DIR = None  # a folder: best.pt, results.csv, args.yaml of experiments kept for mAP or .keep are copied there
 # ----------------------------------------------------------------------------------------------------------------------
 
 SETTINGS = [name for name in dir() if name.isupper()]
@@ -66,12 +70,16 @@ def resolve(path) -> Path:
 
 def pick_device():
     if DEVICE is not None:
-        return str(DEVICE)
-    if torch.cuda.is_available():
+        device = str(DEVICE)
+    elif torch.cuda.is_available():
         print(f"Training on the GPU: cuda:0 ({torch.cuda.get_device_name(0)}).")
         return "0"
-    print("No CUDA GPU found: training on the CPU, which is much slower.")
-    return "cpu"
+    else:
+        print("No CUDA GPU found: training on the CPU, which is much slower.")
+        device = "cpu"
+    if device == "cpu" and ddp.CPU_PROCESSES > 1:
+        print(f"YOLOFUSE_CPU_DDP={ddp.CPU_PROCESSES}: the multi-GPU code path, on {ddp.CPU_PROCESSES} CPU processes.")
+    return device
 
 
 def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str]]:
@@ -82,7 +90,11 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     """
     notes, conflicts = [], []
     trained = ckpt.get("ema") or ckpt.get("model")
-    wanted = yaml.safe_load(resolve(MODEL).read_text())
+    try:
+        wanted = yaml.safe_load(resolve(MODEL).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:  # resuming needs only the checkpoint's own architecture
+        notes.append(f"MODEL {MODEL} can't be read ({type(e).__name__}); resuming with the checkpoint's architecture")
+        wanted = {k: trained.yaml.get(k) for k in ("backbone", "head")}
     if any(trained.yaml.get(k) != wanted.get(k) for k in ("backbone", "head")):
         notes.append(f"MODEL {MODEL} differs from the checkpoint's architecture; resuming with the checkpoint's")
     config = yaml.safe_load(data.read_text()) or {}
@@ -113,10 +125,7 @@ def main() -> int:
             print(f"Finished archiving the previous run into {checkpoint.archive_run(runs_dir)}.")
         found = checkpoint.probe(last, EPOCHS)
         print(found.message)
-        if found.state in ("finished", "corrupt"):
-            print(f"Archived the previous run as {checkpoint.archive_run(runs_dir)}.")
-        elif found.state == "unfinished" and found.checkpoint != last:
-            checkpoint.restore_previous(last)
+        # Decide everything before changing anything: a refusal below leaves the run folder as it was.
         check_dataset(data)
         if found.state == "unfinished":
             notes, conflicts = compare_with_checkpoint(found.ckpt, data)
@@ -124,22 +133,32 @@ def main() -> int:
                 print(f"  {note}")
             if conflicts:
                 fix = f"restore DATA, or start a new experiment by moving {runs_dir / 'weights'} away"
-                raise CheckpointError(f"{last}: {conflicts[0]}; {fix}")
-        cleanup.prune(runs_dir, KEEP_LATEST, MAP_WHITELIST, TRASH_HOURS, MIN_FREE_GB)
+                raise CheckpointError(f"{found.checkpoint}: {conflicts[0]}; {fix}")
+        if found.state in ("finished", "corrupt"):
+            print(f"Archived the previous run as {checkpoint.archive_run(runs_dir)}.")
+        elif found.state == "unfinished" and found.checkpoint != last:
+            checkpoint.restore_previous(last)
+        archive_dir, backup_dir = (resolve(d) if d else None for d in (ARCHIVE_DIR, BACKUP_DIR))
+        pruning = cleanup.make_callback(
+            runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS, archive_dir, backup_dir
+        )
+        pruning.start_pass()  # before training too; what outlasts its time budget goes on in the background
         settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
         if found.state == "unfinished":
             model = YOLO(str(last))
             settings.update(resume=str(last))
+            if WEIGHTS:
+                print(f"  WEIGHTS={WEIGHTS} ignored: a resumed run goes on from its own checkpoint's weights")
         else:
             model = YOLO(str(resolve(MODEL)))
+            if WEIGHTS:
+                print(pretrained.start_from(model, resolve(WEIGHTS), data))
             settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
             settings.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
-        model.add_callback(
-            "on_fit_epoch_end",
-            cleanup.make_callback(runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS),
-        )
+        model.add_callback("on_fit_epoch_end", pruning)
         model.train(**settings)
-        metrics = model.trainer.metrics or {}
+        # After multi-GPU training only the workers validated; Ultralytics then loads best.pt here, with its metrics
+        metrics = model.trainer.metrics or model.ckpt.get("train_metrics") or {}
         print(
             f"Done. best.pt: {model.trainer.best}  mAP50 {metrics.get('metrics/mAP50(B)', float('nan')):.3f}  "
             f"mAP50-95 {metrics.get('metrics/mAP50-95(B)', float('nan')):.3f}"
@@ -157,5 +176,11 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         sys.exit(130)
+    except subprocess.CalledProcessError as e:  # multi-GPU: torch.distributed.run failed; the workers said why above
+        sys.exit(
+            f"error: multi-GPU training stopped (torch.distributed.run exit status {e.returncode}, cause above). "
+            f"Every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}: "
+            "run `python train_dual.py` again to resume."
+        )
     except (DatasetError, CheckpointError, RunLockedError) as e:
         sys.exit(f"error: {e}")

@@ -20,6 +20,9 @@ KILLER_LOG=<file>
 KILLER_PAUSE_EPOCH=<k>  (with KILLER_READY=<file>, optional KILLER_GO=<file>)
     After the first optimizer step of 0-based epoch k: create KILLER_READY, then wait (for a signal from the test,
     or until KILLER_GO exists, then go on training normally). Gives a test a known mid-epoch instant to act at.
+KILLER_DDP_PROBE=<folder>  (optional KILLER_DDP_PAUSE)
+    Add tests/ddp_probe.py's callbacks to every model; Ultralytics pickles them into the DDP workers, where they
+    record each rank's writes, resume state and PID in <folder>, and can pause a rank (see ddp_probe.py).
 """
 
 import os
@@ -149,6 +152,13 @@ if os.environ.get("KILLER_LOG"):
     install_first_step_log(os.environ["KILLER_LOG"])
 if os.environ.get("KILLER_PAUSE_EPOCH"):
     install_pause(int(os.environ["KILLER_PAUSE_EPOCH"]), os.environ["KILLER_READY"], os.environ.get("KILLER_GO"))
+
+if os.environ.get("KILLER_DDP_PROBE"):
+    import ddp_probe  # noqa: E402  (from tests/, which the DDP workers also have on their sys.path)
+    from ultralytics.utils.callbacks.base import default_callbacks  # noqa: E402
+
+    for callback in ddp_probe.CALLBACKS:
+        default_callbacks[callback.__name__].append(callback)  # every model made after this starts with them
 
 sys.argv = [str(ROOT / "train_dual.py"), *sys.argv[1:]]
 runpy.run_path(str(ROOT / "train_dual.py"), run_name="__main__")

@@ -1,9 +1,18 @@
 """cleanup.py on real folder trees in tmp_path; clock, ctime and free space are faked, nothing sleeps."""
 
+import copy
+import errno
+import hashlib
+import io
 import logging
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +20,7 @@ from types import SimpleNamespace
 import cloudpickle
 import pytest
 import torch
+from conftest import run_train_dual
 
 import cleanup
 from yolofuse.lock import RunLock
@@ -109,7 +119,15 @@ def test_only_real_exp_n_folders_are_candidates(runs, tmp_path):
 
     report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
     assert names(report.trashed) == ["exp1", "exp12"]
-    assert sorted(p.name for p in runs.iterdir()) == [".trash", "Exp3", "exp5_best", "exp7", "exp9", "experiments"]
+    assert sorted(p.name for p in runs.iterdir()) == [
+        ".cleanup.lock",
+        ".trash",
+        "Exp3",
+        "exp5_best",
+        "exp7",
+        "exp9",
+        "experiments",
+    ]
     assert (runs / "exp9").is_symlink() and (outside / "results.csv").is_file()
 
 
@@ -124,6 +142,7 @@ def test_live_run_files_at_the_top_are_untouched(runs):
         after = {k: v for k, v in listing(runs).items() if not k.startswith(".trash")}
 
     assert names(report.purged) == ["exp1-" + T0_STAMP]
+    assert after.pop(".cleanup.lock")  # the one file cleanup adds: its own lock
     assert after == before and ".train.lock" in after
     assert (runs / "weights" / "last.pt").read_bytes() == b"live weights"
 
@@ -171,24 +190,56 @@ def test_results_csv_cut_by_a_crash(tmp_path):
     assert cleanup.map50_from_csv(tmp_path / "results.csv") == (0.85, "results.csv")
 
 
-def test_checkpoint_is_the_fallback_when_results_csv_is_broken(runs, caplog):
+@pytest.fixture(scope="module")
+def stripped_best(tmp_path_factory):
+    """`make(map50)`: a best.pt as training leaves it (the fused model's FP16 EMA, then stock `strip_optimizer`)."""
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    import yolofuse
+
+    model = yolofuse.YOLO(str(ROOT / "yolov8n-fuse.yaml")).model
+    folder = tmp_path_factory.mktemp("best")
+
+    def make(map50: float) -> Path:
+        path = folder / f"best-{map50}.pt"
+        metrics = {"metrics/mAP50(B)": map50, "metrics/mAP50-95(B)": map50 / 2, "fitness": map50 / 2}
+        ema = copy.deepcopy(model).half()
+        torch.save({"epoch": 1, "model": None, "ema": ema, "optimizer": {}, "train_metrics": metrics}, path)
+        strip_optimizer(path)
+        return path
+
+    return make
+
+
+def test_checkpoint_is_the_fallback_when_results_csv_is_broken(runs, stripped_best, tmp_path):
+    from yolofuse.nn import Modality
+
+    best = stripped_best(0.91)
+    stored = torch.load(best, weights_only=False)
+    assert stored["optimizer"] is None and any(isinstance(m, Modality) for m in stored["model"].modules())
     ok = make_exp(runs, "exp1")
     (ok / "results.csv").write_bytes(b"\x00\xff garbage, not a csv \x00")
-    torch.save({"train_metrics": {"metrics/mAP50(B)": 0.91}}, ok / "weights" / "best.pt")
+    shutil.copyfile(best, ok / "weights" / "best.pt")
     no_csv = make_exp(runs, "exp2")
     (no_csv / "results.csv").unlink()
-    torch.save({"train_metrics": {"metrics/mAP50(B)": 0.95}}, no_csv / "weights" / "best.pt")
+    shutil.copyfile(stripped_best(0.95), no_csv / "weights" / "best.pt")
     neither = make_exp(runs, "exp3")
     (neither / "results.csv").write_text(HEADER + "\n")  # header only: the run died before epoch 1
+    alien = make_exp(runs, "exp4")  # a best.pt whose pickled classes come from a module this machine lacks
+    (alien / "results.csv").unlink()
+    (tmp_path / "gone_module.py").write_text("class Layer:\n    pass\n")
+    code = f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r}); import gone_module; "
+    code += f"torch.save({{'model': gone_module.Layer()}}, {str(alien / 'weights' / 'best.pt')!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
-    with caplog.at_level(logging.INFO, logger="cleanup"):
-        report = prune(runs, keep_latest=0, map_whitelist=0.8, now=T0)
+    out = run_cli(runs, "--keep", "0", "--map", "0.8", "--dry-run")  # a fresh process: nothing imported by the test
 
-    kept = {Path(p).name: r for p, _, r in report.kept}
-    assert kept == {"exp1": "kept: whitelisted mAP50=0.91", "exp2": "kept: whitelisted mAP50=0.95"}
-    assert names(report.trashed) == ["exp3"]
-    line = next(m for m in caplog.messages if "exp3" in m and "trashed" in m)
-    assert "not whitelisted" in line and "no mAP50 number" in line and "best.pt missing" in line
+    assert f"{ok}  " in out and "kept: whitelisted mAP50=0.91" in out
+    assert f"{no_csv}  " in out and "kept: whitelisted mAP50=0.95" in out
+    line = next(m for m in out.splitlines() if f"{neither}  " in m)
+    assert "trashed" in line and "not whitelisted" in line and "no mAP50 number" in line and "best.pt missing" in line
+    line = next(m for m in out.splitlines() if f"{alien}  " in m)
+    assert "trashed" in line and "ModuleNotFoundError: No module named 'gone_module'" in line
 
 
 def test_keep_file_is_honoured(runs):
@@ -497,7 +548,23 @@ def test_cli_defaults_come_from_train_dual_relative_to_its_folder(tmp_path, monk
         map=train_dual.MAP_WHITELIST,
         trash_hours=train_dual.TRASH_HOURS,
         min_free_gb=train_dual.MIN_FREE_GB,
+        archive_to=train_dual.ARCHIVE_DIR,  # None unless set there
+        backup_to=train_dual.BACKUP_DIR,
     )
+
+
+def test_cli_reads_train_dual_without_importing_it(tmp_path):
+    """The command line reads train_dual.py's constants from its source: importing it loads train_dual's imports."""
+    code = "import sys, cleanup; cleanup._cli_defaults(); print('train_dual' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False"], result.stderr
+    source = tmp_path / "train_dual.py"
+    source.write_text("import torch\nRUNS_DIR = 'elsewhere/runs'  # a comment\nKEEP_LATEST = 7\n")
+    assert cleanup.train_dual_settings("RUNS_DIR", "KEEP_LATEST", source=source) == dict(
+        RUNS_DIR="elsewhere/runs", KEEP_LATEST=7
+    )
+    with pytest.raises(SystemExit, match=f"{source} has no constant ARCHIVE_DIR"):
+        cleanup.train_dual_settings("RUNS_DIR", "ARCHIVE_DIR", source=source)
 
 
 def test_cli_dry_run_then_real_run(runs):
@@ -517,5 +584,525 @@ def test_cli_dry_run_then_real_run(runs):
     out = run_cli(runs, "--keep", "0", "--map", "0.9", "--purge-trash")
     assert "dry run" not in out
     assert table_counts(out) == {"kept": "2", "trashed": "1", "purged": "1"}
-    assert sorted(p.name for p in runs.iterdir()) == [".trash", "exp1", "exp3"]
+    assert sorted(p.name for p in runs.iterdir()) == [".cleanup.lock", ".trash", "exp1", "exp3"]
     assert trash_names(runs) == []
+
+
+# --- archive ----------------------------------------------------------------------------------------------------
+
+
+def make_run_tree(exp: Path) -> Path:
+    """An experiment as Ultralytics leaves it, with the odd cases an archive must carry: a nested and an empty folder,
+    a symlink, and a hard link (last.prev.pt is one while a checkpoint write is in flight)."""
+    make_exp(exp.parent, exp.name, payload=0)
+    (exp / "args.yaml").write_text("task: detect\nepochs: 2\n")
+    (exp / "weights" / "last.pt").write_bytes(os.urandom(300_000))
+    (exp / "weights" / "best.pt").write_bytes(os.urandom(100_000))
+    os.link(exp / "weights" / "last.pt", exp / "weights" / "last.prev.pt")
+    (exp / "labels.jpg").write_bytes(os.urandom(5000))
+    (exp / "plots" / "empty").mkdir(parents=True)
+    (exp / "plots" / "labels.jpg").symlink_to("../labels.jpg")
+    return exp
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under root: a file's content hash, mode and mtime (in seconds, as tar keeps it); a link's target;
+    a folder as such."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = os.lstat(path)
+        if path.is_symlink():
+            out[str(path.relative_to(root))] = ("link", os.readlink(path))
+        elif path.is_dir():
+            out[str(path.relative_to(root))] = ("dir",)
+        else:
+            out[str(path.relative_to(root))] = (
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+                st.st_mode,
+                int(st.st_mtime),
+            )
+    return out
+
+
+@pytest.fixture
+def archive_dir(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    return archive
+
+
+def trash_one(runs, name="exp1") -> Path:
+    """Build `name` as a real run and put it in the trash at T0; returns the trash entry."""
+    make_run_tree(runs / name)
+    prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
+    return runs / ".trash" / f"{name}-{T0_STAMP}"
+
+
+def test_archive_round_trip_is_byte_identical(runs, archive_dir, caplog):
+    exp1 = make_run_tree(runs / "exp1")
+    before = snapshot(exp1)
+    make_exp(runs, "exp2")
+
+    prune(runs, keep_latest=1, map_whitelist=2.0, now=T0, archive_dir=archive_dir)  # exp1 into the trash
+    assert sorted(p.name for p in archive_dir.iterdir()) == []  # in the trash for TRASH_HOURS first
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, keep_latest=1, map_whitelist=2.0, now=T0 + 25 * HOUR, archive_dir=archive_dir)
+
+    archive = archive_dir / f"exp1-{T0_STAMP}.tar"
+    assert names(report.archived) == [f"exp1-{T0_STAMP}"] and report.purged == []
+    assert sorted(p.name for p in archive_dir.iterdir()) == [archive.name]  # no temp file left
+    assert trash_names(runs) == [] and report.bytes_freed == report.archived[0][1] > 400_000
+    assert any(f"archived to {archive}" in m for m in caplog.messages)
+    with tarfile.open(archive) as tar:  # unpacks by hand like `tar -cf exp1.tar exp1` would
+        assert tar.getnames()[0] == "exp1"
+
+    out = run_cli("--restore", archive, runs)
+
+    assert f"Restored {archive} to {runs / 'exp3'}" in out
+    assert snapshot(runs / "exp3") == before
+    assert os.stat(runs / "exp3" / "weights" / "last.pt").st_ino == os.stat(runs / "exp3/weights/last.prev.pt").st_ino
+    assert sorted(p.name for p in runs.iterdir()) == [".cleanup.lock", ".trash", "exp2", "exp3"]
+
+
+class DiskFillsUp(io.FileIO):
+    """A new file on a disk with `room` bytes left: a write past them raises ENOSPC, as a full disk does."""
+
+    room = 200_000
+
+    def write(self, data):
+        left = max(self.room - self.tell(), 0)
+        if len(data) > left:
+            super().write(bytes(data)[:left])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+class LosesTheTail(DiskFillsUp):
+    """A disk (or NFS server) that acknowledges writes past `room` but drops them: the file is silently short."""
+
+    def write(self, data):
+        super().write(bytes(data)[: max(self.room - self.tell(), 0)])
+        return len(data)
+
+
+class GarblesAHeader(io.FileIO):
+    """A writer that damages the member header of weights/last.pt, as a bad sector would."""
+
+    def write(self, data):
+        at = bytes(data).find(b"exp1/weights/last.pt\0")  # the header's name field; the payload is random bytes
+        if at >= 0:
+            data = bytes(data[:at]) + bytes(b ^ 0x5A for b in data[at : at + 512]) + bytes(data[at + 512 :])
+        return super().write(data)
+
+
+def test_a_full_disk_while_archiving_keeps_the_folder(runs, archive_dir, monkeypatch, caplog):
+    entry = trash_one(runs)
+    before = snapshot(entry)
+    monkeypatch.setattr(cleanup, "_create", lambda path: DiskFillsUp(path, "wb"))
+
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
+
+    assert report.archived == report.purged == [] and report.bytes_freed == 0
+    assert snapshot(entry) == before  # the folder is where it was, whole
+    assert list(archive_dir.iterdir()) == []  # no archive under the final name, no partial temp file either
+    [line] = [m for m in caplog.messages if "not archived" in m]
+    assert f"{entry}  not archived, kept in the trash" in line and "No space left on device" in line
+
+    monkeypatch.undo()  # space again: the next cleanup archives it
+    fake_free(monkeypatch, 10**15)
+    report = prune(runs, now=T0 + 26 * HOUR, archive_dir=archive_dir)
+    assert names(report.archived) == [entry.name] and not entry.exists()
+
+
+def test_an_archive_dir_without_room_or_not_mounted_is_not_written_to(runs, archive_dir, monkeypatch, caplog):
+    entry = trash_one(runs)
+    fake_free(monkeypatch, 1000)  # the archive folder has 1 kB free: don't even start
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, min_free_gb=0, now=T0 + 25 * HOUR, archive_dir=archive_dir)
+    assert report.archived == [] and entry.is_dir() and list(archive_dir.iterdir()) == []
+    assert any("not archived" in m and f"1.0 kB free in {archive_dir}" in m for m in caplog.messages)
+
+    caplog.clear()
+    unmounted = archive_dir / "nas"  # not there: never created, it may be an unmounted NAS's mount point
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, min_free_gb=0, now=T0 + 25 * HOUR, archive_dir=unmounted)
+    assert report.archived == report.purged == [] and entry.is_dir() and not unmounted.exists()
+    [line] = [m for m in caplog.messages if str(unmounted) in m]
+    assert "not a folder (not mounted?): nothing archived this time" in line
+
+
+@pytest.mark.parametrize("writer", [LosesTheTail, GarblesAHeader])
+def test_a_corrupt_archive_is_caught_before_the_folder_is_removed(runs, archive_dir, monkeypatch, caplog, writer):
+    entry = trash_one(runs)
+    before = snapshot(entry)
+    monkeypatch.setattr(cleanup, "_create", lambda path: writer(path, "wb"))
+
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
+
+    assert report.archived == [] and snapshot(entry) == before
+    assert list(archive_dir.iterdir()) == []
+    [line] = [m for m in caplog.messages if "not archived" in m]
+    assert f"{entry}  not archived, kept in the trash" in line
+
+
+def test_archiving_killed_half_way_is_redone_or_completed(runs, archive_dir, caplog):
+    entry = trash_one(runs)
+    final = archive_dir / f"{entry.name}.tar"
+    cleanup.staged(final).write_bytes(b"half an archive, the run was killed")  # killed while writing
+    report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
+    assert names(report.archived) == [entry.name] and sorted(archive_dir.iterdir()) == [final]
+    archived = final.read_bytes()
+
+    # killed after the rename, before the folder was removed: the archive was checked before it got its name
+    trash_one(runs, "exp2")
+    entry2 = runs / ".trash" / f"exp2-{T0_STAMP}"
+    cleanup.write_archive(entry2, archive_dir / f"{entry2.name}.tar", "exp2")
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
+    assert names(report.archived) == [entry2.name] and not entry2.exists()
+    assert any(f"{entry2}  already archived" in m for m in caplog.messages)
+    assert final.read_bytes() == archived
+
+
+def test_an_archive_missing_an_entry_is_refused(runs, archive_dir, monkeypatch, caplog):
+    """tar skips a socket without an error: the check against the folder's listing catches the silent gap."""
+    entry = trash_one(runs)
+    server = socket.socket(socket.AF_UNIX)
+    monkeypatch.chdir(entry / "weights")  # a socket's path must be short
+    server.bind("tensorboard.sock")
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
+    server.close()
+    assert report.archived == [] and (entry / "weights" / "last.pt").is_file() and list(archive_dir.iterdir()) == []
+    [line] = [m for m in caplog.messages if "not archived" in m]
+    assert "first to differ: weights/tensorboard.sock" in line
+
+
+# --- backup -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def backup_dir(tmp_path):
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    return backup
+
+
+def kept_runs(runs):
+    """exp1 whitelisted, exp2 with .keep, exp3 and exp4 neither: only exp1 and exp2 are worth a backup."""
+    for n, maps in ((1, (0.5, 0.92)), (2, (0.1,)), (3, (0.2,)), (4, (0.3,))):
+        exp = make_run_tree(runs / f"exp{n}")
+        write_results(exp, maps)
+    (runs / "exp2" / ".keep").touch()
+
+
+def copies(backup):
+    return sorted(str(p.relative_to(backup)) for p in backup.rglob("*") if p.is_file())
+
+
+def test_backup_copies_the_kept_models_once(runs, backup_dir, monkeypatch, caplog):
+    kept_runs(runs)
+    fake_ctimes(monkeypatch, {f"exp{n}": n for n in range(1, 5)})
+
+    report = prune(runs, keep_latest=1, map_whitelist=0.9, now=T0, backup_dir=backup_dir)
+
+    wanted = [f"{e}/{f}" for e in ("exp1", "exp2") for f in ("args.yaml", "results.csv", "weights/best.pt")]
+    assert copies(backup_dir) == wanted and len(report.backed_up) == 6
+    for name in wanted:
+        assert (backup_dir / name).read_bytes() == (runs / name).read_bytes()
+    assert names(report.trashed) == ["exp3"]  # exp4 is kept as the newest, but not backed up
+
+    again = prune(runs, keep_latest=1, map_whitelist=0.9, now=T0, backup_dir=backup_dir)
+    assert again.backed_up == []  # identical copies are there
+
+    (runs / "exp1" / "results.csv").touch()  # a new mtime, same content: still identical
+    os.utime(backup_dir / "exp2" / "args.yaml", (0, 0))
+    assert prune(runs, keep_latest=1, map_whitelist=0.9, now=T0, backup_dir=backup_dir).backed_up == []
+
+    write_results(runs / "exp1", (0.5, 0.92, 0.95))  # the run has changed: its copy is replaced
+    (backup_dir / "exp2" / "weights" / "best.pt").write_bytes(b"same name, other content")
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, keep_latest=1, map_whitelist=0.9, now=T0, backup_dir=backup_dir)
+    assert sorted(str(Path(p).relative_to(backup_dir)) for p, _, _ in report.backed_up) == [
+        "exp1/results.csv",
+        "exp2/weights/best.pt",
+    ]
+    for name in wanted:
+        assert (backup_dir / name).read_bytes() == (runs / name).read_bytes()
+    assert not any(".tmp" in name for name in copies(backup_dir))
+    assert any(f"{runs / 'exp1' / 'results.csv'}  " in m and f"backed up to {backup_dir}" in m for m in caplog.messages)
+
+
+def test_backup_failures_are_logged_not_raised(runs, tmp_path, monkeypatch, caplog):
+    kept_runs(runs)
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, keep_latest=0, map_whitelist=0.9, now=T0, backup_dir=tmp_path / "not-mounted")
+    assert report.backed_up == [] and names(report.trashed) == ["exp3", "exp4"]  # pruning goes on
+    assert not (tmp_path / "not-mounted").exists()  # never created: it may be an unmounted NAS's mount point
+    [line] = [m for m in caplog.messages if "not-mounted" in m]
+    assert "no backups this time" in line
+
+    def broken_copy(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    backup = tmp_path / "nas"
+    backup.mkdir()
+    monkeypatch.setattr(cleanup.shutil, "copyfile", broken_copy)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        report = prune(runs, keep_latest=0, map_whitelist=0.9, now=T0, backup_dir=backup)
+    assert report.backed_up == []
+    failed = [m for m in caplog.messages if "backup to" in m and "failed" in m]
+    assert len(failed) == 2 and all("Input/output error" in m for m in failed)  # one line per experiment
+    assert copies(backup) == []
+
+
+def test_a_hung_backup_folder_holds_training_no_longer_than_the_budget(runs, backup_dir, monkeypatch, caplog):
+    kept_runs(runs)
+    mounted = threading.Event()
+    real_copy = shutil.copyfile
+
+    def hung_nas_copy(src, dst):
+        mounted.wait(60)  # a hard NFS mount that went away: the call blocks until it is back
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(cleanup.shutil, "copyfile", hung_nas_copy)
+    callback = cleanup.make_callback(runs, 0, 0.9, every=1, min_free_gb=0, trash_hours=24.0, backup_dir=backup_dir)
+    callback.budget_s = 0.3
+    try:
+        with caplog.at_level(logging.INFO, logger="cleanup"):
+            t = time.monotonic()
+            callback(SimpleNamespace(epoch=0, epochs=100))
+            held = time.monotonic() - t
+            callback(SimpleNamespace(epoch=1, epochs=100))  # the next pass finds the first one still busy
+        assert held < 0.3 + 2.0, f"the callback held training {held:.1f} s"
+        assert any("still busy after 0.3 s" in m for m in caplog.messages)
+        assert any("cleanup skipped, another cleanup is running" in m for m in caplog.messages)
+    finally:
+        mounted.set()  # the NAS is back: the first pass finishes its copies
+    deadline = time.monotonic() + 30
+    while len(copies(backup_dir)) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(copies(backup_dir)) == 6
+
+
+# --- the cleanup lock -------------------------------------------------------------------------------------------
+
+
+def test_cleanup_lock_makes_the_second_cleanup_wait_or_skip(runs, caplog):
+    make_exp(runs, "exp1")
+    with caplog.at_level(logging.INFO, logger="cleanup"):
+        with cleanup.FolderLock(runs, ".cleanup.lock"):  # another cleanup holds it (flock: another open file)
+            report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)  # the callback's way: no wait
+            assert report.skipped and report.trashed == [] and (runs / "exp1").is_dir()
+            assert any("cleanup skipped, another cleanup is running" in m for m in caplog.messages)
+
+        holder = cleanup.FolderLock(runs, ".cleanup.lock").acquire()
+        threading.Timer(0.3, holder.release).start()  # the other cleanup ends soon
+        report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0, lock_wait=10)
+    assert not report.skipped and names(report.trashed) == ["exp1"]
+    assert any("waiting up to 10 s" in m for m in caplog.messages)
+
+
+# Both real processes import first, then wait for the same go file, so that their cleanups start together.
+CRON_RUN = """
+import sys, time
+from pathlib import Path
+import cleanup
+Path(sys.argv[2]).touch()
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.005)
+sys.exit(cleanup.main(sys.argv[3:]))
+"""
+TRAINING_RUN = """
+import logging, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import cleanup
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+runs, archive, backup = sys.argv[3:]
+callback = cleanup.make_callback(runs, 0, 0.9, 1, 0.0, 24.0, archive, backup)  # prune after every epoch
+Path(sys.argv[2]).touch()
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.005)
+for epoch in range(8):
+    callback(SimpleNamespace(epoch=epoch, epochs=8))
+    time.sleep(0.1)
+callback.budget_s = 120
+callback.start_pass()  # and wait for it: the process must not end while its pass runs
+"""
+
+
+def test_a_cron_run_and_a_training_callback_at_once(runs, archive_dir, backup_dir, tmp_path):
+    """Real processes, started at the same instant on the same runs folder: each trash entry is archived exactly
+    once, each backup copied once, nothing is lost, and one of them met the other's lock."""
+    payload = {}
+    for n in range(1, 31):  # old trash entries, due for both
+        entry = runs / ".trash" / f"exp{n}-20000101T000000Z"
+        (entry / "weights").mkdir(parents=True)
+        payload[entry.name] = os.urandom(1_000_000)
+        (entry / "weights" / "last.pt").write_bytes(payload[entry.name])
+    kept_runs(runs)  # exp1 and exp2 to back up; exp3 and exp4 to trash (they wait in the trash: not due yet)
+    go = tmp_path / "go"
+    procs = []
+    for code, args in (
+        (CRON_RUN, [runs, "--keep", "0", "--map", "0.9", "--archive-to", archive_dir, "--backup-to", backup_dir]),
+        (TRAINING_RUN, [runs, archive_dir, backup_dir]),
+    ):
+        command = [sys.executable, "-c", code, go, tmp_path / f"ready{len(procs)}", *args]
+        procs.append(subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready*"))) < 2:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process died while starting"
+        time.sleep(0.01)
+    go.touch()
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    print(*outs, sep="\n--- training ---\n")
+    log_lines = "\n".join(outs).splitlines()
+
+    assert not [line for line in log_lines if "not archived" in line or "could not" in line or "failed" in line]
+    assert any("cleanup skipped, another cleanup is running" in m or "waiting up to" in m for m in log_lines), outs
+    archived = sorted(p.name for p in archive_dir.iterdir())
+    assert archived == sorted(f"{name}.tar" for name in payload)  # each once, no temp files
+    assert sum(" archived to " in line for line in log_lines) == len(payload)  # by one process each
+    for name, data in payload.items():
+        with tarfile.open(archive_dir / f"{name}.tar") as tar:
+            assert tar.extractfile(f"{name.partition('-')[0]}/weights/last.pt").read() == data
+    assert sorted(p.name.partition("-")[0] for p in (runs / ".trash").iterdir()) == ["exp3", "exp4"]
+    assert sorted(p.name for p in runs.glob("exp*")) == ["exp1", "exp2"]
+    assert len(copies(backup_dir)) == 6 and sum(" backed up to " in line for line in log_lines) == 6
+
+
+# --- restore ----------------------------------------------------------------------------------------------------
+
+
+def write_tar(path: Path, members) -> Path:
+    """A tar with the given (name, kind, content or link target) members, written member by member as an attacker
+    (or a careless `tar -P`) could."""
+    with tarfile.open(path, "w") as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+            else:
+                info.type, info.linkname = tarfile.SYMTYPE, value
+                tar.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("exp1/../../escaped.txt", "file", b"owned"),
+        ("/tmp/yolofuse-restore-test-absolute.txt", "file", b"owned"),
+        ("exp1/weights/escaped", "link", "../../../outside"),
+        ("exp1/weights/absolute", "link", "/etc/passwd"),
+    ],
+    ids=["dotdot", "absolute", "link-outside", "absolute-link"],
+)
+def test_restore_refuses_members_that_escape(runs, tmp_path, bad):
+    make_exp(runs, "exp1")
+    archive = write_tar(tmp_path / "evil.tar", [("exp1/results.csv", "file", b"epoch\n"), bad])
+    before = listing(tmp_path)
+
+    with pytest.raises(cleanup.RestoreError, match=f"member '{re.escape(bad[0])}' refused.*nothing restored"):
+        cleanup.restore(archive, runs)
+
+    assert listing(tmp_path) == before  # no expN, no half-unpacked folder, nothing outside
+    assert not Path("/tmp/yolofuse-restore-test-absolute.txt").exists()
+
+
+def test_restore_from_the_command_line_says_one_line_and_fails(runs, tmp_path):
+    archive = write_tar(tmp_path / "evil.tar.gz", [("../escaped.txt", "file", b"owned")])
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cleanup.py"), "--restore", str(archive), str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "member '../escaped.txt' refused" in result.stderr
+    assert list(runs.iterdir()) == [] and not (tmp_path / "escaped.txt").exists()
+
+
+def test_restore_takes_a_hand_made_tar_gz_to_the_next_free_exp(runs, tmp_path):
+    make_exp(runs, "exp4")
+    (runs / "exp9_best").mkdir()
+    source = make_run_tree(tmp_path / "exp2")
+    subprocess.run(["tar", "-czf", str(tmp_path / "exp2.tar.gz"), "-C", str(tmp_path), "exp2"], check=True)
+    assert cleanup.restore(tmp_path / "exp2.tar.gz", runs) == runs / "exp5"
+    assert snapshot(runs / "exp5") == snapshot(source)
+    assert sorted(p.name for p in runs.iterdir()) == ["exp4", "exp5", "exp9_best"]
+
+
+# --- dry run and age, from the command line ---------------------------------------------------------------------
+
+
+def test_cli_dry_run_shows_archives_and_backups_and_changes_nothing(runs, archive_dir, backup_dir):
+    trash_one(runs, "exp5")
+    kept_runs(runs)
+    before = listing(runs.parent)
+
+    out = run_cli(runs, "--keep", "0", "--map", "0.9", "--archive-to", archive_dir, "--backup-to", backup_dir,
+                  "--purge-trash", "--dry-run")  # fmt: skip
+
+    assert listing(runs.parent) == before  # no lock file, no archive, no backup folder
+    entry = runs / ".trash" / f"exp5-{T0_STAMP}"
+    assert f"[dry run] {entry}  " in out and f"archived to {archive_dir / entry.name}.tar (--purge-trash)" in out
+    for exp in ("exp1", "exp2"):
+        assert f"[dry run] {runs / exp / 'weights' / 'best.pt'}  " in out
+        assert f"backed up to {backup_dir / exp / 'weights' / 'best.pt'}" in out
+    assert sum("[dry run]" in line and "backed up to" in line for line in out.splitlines()) == 6
+    # exp3 and exp4 would be trashed, then archived by --purge-trash with exp5
+    assert re.search(r"^archived +3 ", out, re.M) and re.search(r"^backed up +6 ", out, re.M)
+
+
+def test_older_than_spares_young_experiments(runs, monkeypatch):
+    for n in range(1, 4):
+        make_exp(runs, f"exp{n}")
+    day = 86400
+    fake_ctimes(monkeypatch, {"exp1": T0 - 20 * day, "exp2": T0 - 15 * day, "exp3": T0 - 3 * day})
+
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0, min_age=cleanup.parse_age("14d"))
+
+    assert names(report.trashed) == ["exp1", "exp2"]
+    assert [(Path(p).name, r) for p, _, r in report.kept] == [("exp3", "kept: younger than 14d")]
+    assert [cleanup.parse_age(a) for a in ("36h", "2w", "0.5d")] == [36 * 3600, 14 * day, day / 2]
+    with pytest.raises(ValueError, match="14 days"):
+        cleanup.parse_age("14 days")
+
+
+def test_cli_older_than(runs, capsys):
+    make_exp(runs, "exp1")  # made just now
+    out = run_cli(runs, "--keep", "0", "--map", "2", "--older-than", "14d")
+    assert "kept: younger than 14d" in out and (runs / "exp1").is_dir()
+    with pytest.raises(SystemExit) as exit:
+        cleanup.main([str(runs), "--older-than", "2 weeks"])
+    assert exit.value.code == 2 and "--older-than" in capsys.readouterr().err
+
+
+# --- with train_dual.py -----------------------------------------------------------------------------------------
+
+
+def test_train_dual_archives_and_backs_up_with_its_constants(tmp_path, tiny_data, archive_dir, backup_dir):
+    runs = tmp_path / "runs"
+    old = runs / ".trash" / "exp1-20000101T000000Z"  # due long ago
+    (old / "weights").mkdir(parents=True)
+    (old / "weights" / "last.pt").write_bytes(b"old weights")
+    best = make_exp(runs, "exp2", maps=(0.95,))
+    (best / "weights" / "best.pt").write_bytes(b"the good model")
+
+    res = run_train_dual(
+        f"RUNS_DIR={runs}", f"DATA={tiny_data}", "EPOCHS=1", f"ARCHIVE_DIR={archive_dir}", f"BACKUP_DIR={backup_dir}"
+    )
+
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"archived to {archive_dir / old.name}.tar" in res.stdout and not old.exists()
+    with tarfile.open(archive_dir / f"{old.name}.tar") as tar:
+        assert tar.extractfile("exp1/weights/last.pt").read() == b"old weights"
+    assert (backup_dir / "exp2" / "weights" / "best.pt").read_bytes() == b"the good model"
+    assert (backup_dir / "exp2" / "results.csv").read_bytes() == (best / "results.csv").read_bytes()

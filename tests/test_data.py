@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_dataset
+from PIL import Image
 from ultralytics.cfg import get_cfg
 from ultralytics.data.augment import RandomHSV
+from ultralytics.data.build import build_dataloader
 from ultralytics.data.utils import check_det_dataset
 
 import yolofuse  # noqa: F401  (offline settings and the fusion layer, before ultralytics is used)
@@ -159,7 +161,7 @@ def test_load_pair_is_rgb_then_ir(tmp_path):
     rgb = touch_image(tmp_path / "images" / "train" / "a.png", bgr)
     touch_image(tmp_path / "imagesIR" / "train" / "a.png", np.full((16, 20), 77, np.uint8))
 
-    pair = load_pair(rgb, 4)
+    pair = load_pair(rgb, 4)[0]
     assert pair.shape == (16, 20, 4) and pair.dtype == np.uint8
     assert (pair[:8, :10, 0] == 255).all() and (pair[:8, :10, 1:3] == 0).all(), "channel 0 must be red (RGB, not BGR)"
     assert (pair[8:, 10:, 2] == 255).all() and (pair[8:, 10:, :2] == 0).all(), "channel 2 must be blue"
@@ -172,7 +174,7 @@ def test_load_pair_three_channel_ir_with_six_channels(tmp_path):
     ir_bgr[:] = (10, 20, 30)  # B, G, R as stored by OpenCV
     touch_image(tmp_path / "imagesIR" / "val" / "b.png", ir_bgr)
 
-    pair = load_pair(rgb, 6)
+    pair = load_pair(rgb, 6)[0]
     assert pair.shape == (12, 12, 6)
     assert (np.abs(pair[..., :3].astype(int) - 50) <= 2).all()
     # 3-channel IR is stacked in RGB order too, like the visible frame.
@@ -191,7 +193,7 @@ def test_channels_decide_how_ir_is_read(tmp_path, channels, ir_layers, suffix):
         pytest.skip("JPEG has no alpha")
     touch_image(tmp_path / "imagesIR" / "train" / f"c{suffix}", ir)
 
-    pair = load_pair(rgb, channels)
+    pair = load_pair(rgb, channels)[0]
     assert pair.shape == (16, 16, channels) and pair.dtype == np.uint8
     tolerance = 3 if suffix == ".jpg" else 0
     for c in range(3, channels):
@@ -210,7 +212,7 @@ def test_colour_mapped_ir_is_read_as_gray_with_one_warning(tmp_path, monkeypatch
             touch_image(root / "imagesIR" / split / f"{k}.png", heat)
     data = write_yaml(root, 4)
 
-    pair = load_pair(root / "images" / "train" / "0.jpg", 4)
+    pair = load_pair(root / "images" / "train" / "0.jpg", 4)[0]
     assert pair.shape == (32, 32, 4)
     luma = cv2.cvtColor(heat, cv2.COLOR_BGR2GRAY).astype(int)
     assert np.abs(pair[..., 3] - luma).max() <= 2, (
@@ -240,7 +242,7 @@ def test_load_pair_16_bit_ir_is_an_error(tmp_path, channels):
     ir = touch_image(tmp_path / "imagesIR" / "train" / "s.png", np.full((8, 8), 40000, np.uint16))
     with pytest.raises(DatasetError) as e:
         load_pair(rgb, channels)
-    assert_one_line_error(e, str(ir), "uint16", "8-bit")
+    assert_one_line_error(e, str(ir), "8 bits", "convert it to 8-bit")
 
 
 def test_load_pair_missing_or_unreadable(tmp_path):
@@ -271,7 +273,7 @@ def test_load_pair_resizes_other_size_ir_with_warning(tmp_path, monkeypatch, cha
     ir[8:24, 12:36] = 255
     ir_file = touch_image(tmp_path / "imagesIR" / "train" / "e.png", ir)
 
-    pair = load_pair(rgb, channels)
+    pair = load_pair(rgb, channels)[0]
     assert pair.shape == (64, 96, channels)
     assert iou(pair[..., 0] > 127, pair[..., 3] > 127) > 0.9, "resized IR must stay aligned with the RGB frame"
     assert len(warnings) == 1 and str(ir_file) in warnings[0]
@@ -321,6 +323,139 @@ def test_mosaic_perspective_flip_keep_rgb_and_ir_aligned(tmp_path, channels):
     for y, x in ((0, 0), (-1, -1), (0, -1), (-1, 0)):
         assert (img[:, y, x] == PAD).all(), f"corner {(y, x)}: {img[:, y, x]}"
     assert iou((img[:3] > 127).all(0), img[3] > 127) > 0.95
+
+
+# ------------------------------------------------------------------------------------------ JPEG reduced decoding
+def textured(h: int, w: int, seed: int) -> np.ndarray:
+    """A frame with detail at several scales, so that a shifted, flipped or badly resampled read shows."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w), np.float32)
+    for cell, amp in ((64, 60), (16, 30), (4, 12)):
+        small = rng.standard_normal((h // cell + 1, w // cell + 1)).astype(np.float32)
+        img += amp * cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    return np.clip(img + 110, 0, 255).astype(np.uint8)
+
+
+def jpeg_pairs(root: Path, n: int, h: int, w: int, ir_layers: int, boxes_per_image: int = 0) -> dict:
+    """LLVIP-like pairs: RGB and IR JPEGs (IR as 1 or 3 equal channels), optional white boxes drawn into both."""
+    rng = np.random.default_rng(7)
+    for split in ("train", "val"):
+        for k in range(n):
+            gray = textured(h, w, seed=k)
+            rgb = cv2.merge([gray, np.roll(gray, 5, 1), 255 - gray])  # three different channels
+            ir = cv2.GaussianBlur(gray, (0, 0), 2) // 2
+            lines = []
+            for _ in range(boxes_per_image):
+                bh, bw = int(rng.integers(h // 6, h // 3)), int(rng.integers(w // 8, w // 4))
+                y0, x0 = int(rng.integers(0, h - bh)), int(rng.integers(0, w - bw))
+                rgb[y0 : y0 + bh, x0 : x0 + bw] = 255
+                ir[y0 : y0 + bh, x0 : x0 + bw] = 255
+                lines.append(f"0 {(x0 + bw / 2) / w:.6f} {(y0 + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}\n")
+            touch_image(root / "images" / split / f"{k:04d}.jpg", rgb)
+            touch_image(root / "imagesIR" / split / f"{k:04d}.jpg", ir if ir_layers == 1 else cv2.merge([ir] * 3))
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split / f"{k:04d}.txt").write_text("".join(lines))
+    return check_det_dataset(str(write_yaml(root, 4)))
+
+
+def save_jpeg(path: Path, img: np.ndarray, orientation: int = 1) -> Path:
+    """A JPEG as cameras write it: PIL, with an EXIF orientation tag (6: to be shown turned 90 degrees clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    "w, h, imgsz, reduction",
+    [(1280, 1024, 640, 2), (1280, 1024, 600, 2), (1280, 1024, 320, 4), (1280, 1024, 160, 8), (1280, 1024, 1280, 1)],
+)
+def test_jpeg_decoded_at_smallest_reduction_at_least_the_training_size(tmp_path, monkeypatch, w, h, imgsz, reduction):
+    rgb = touch_image(tmp_path / "images" / "train" / "a.jpg", np.full((h, w, 3), 60, np.uint8))
+    touch_image(tmp_path / "imagesIR" / "train" / "a.jpg", np.full((h, w, 3), 90, np.uint8))
+    touch_image(tmp_path / "images" / "train" / "b.png", np.full((h, w, 3), 60, np.uint8))
+    touch_image(tmp_path / "imagesIR" / "train" / "b.png", np.full((h, w), 90, np.uint8))
+    decoded = []
+    imdecode = cv2.imdecode
+
+    def recording_imdecode(buf, flags):
+        im = imdecode(buf, flags)
+        decoded.append(im.shape[:2])
+        return im
+
+    monkeypatch.setattr(cv2, "imdecode", recording_imdecode)
+    pair, hw0 = load_pair(rgb, 4, imgsz)
+    assert hw0 == (h, w) and pair.shape[:2] == (round(h * imgsz / w), imgsz)
+    assert decoded == [(h // reduction, w // reduction)] * 2, "RGB and IR decoded at the smallest fitting reduction"
+    decoded.clear()
+    load_pair(rgb.with_name("b.png"), 4, imgsz)
+    assert decoded == [(h, w)] * 2, "PNG has no reduced decoding: read in full"
+
+
+def test_jpeg_exif_orientation_is_applied_as_stock_does(tmp_path):
+    """A camera JPEG stored 1280x1024 with 'turn 90 degrees' in its EXIF is a 1024x1280 frame, at any reduction."""
+    img = np.zeros((1024, 1280, 3), np.uint8)
+    img[:100, :200] = 255  # a mark in the stored top-left corner: top-right once turned clockwise
+    rgb = save_jpeg(tmp_path / "images" / "train" / "a.jpg", img, orientation=6)
+    save_jpeg(tmp_path / "imagesIR" / "train" / "a.jpg", img, orientation=6)
+    plain = cv2.imread(str(rgb))  # stock's read: cv2 applies the EXIF orientation
+    assert plain.shape[:2] == (1280, 1024)
+    for imgsz in (640, 320, 1280):
+        pair, hw0 = load_pair(rgb, 4, imgsz)
+        assert hw0 == (1280, 1024) and pair.shape == (imgsz, imgsz * 1024 // 1280, 4)
+        expected = cv2.resize(plain, pair.shape[1::-1], interpolation=cv2.INTER_AREA)[..., 0]
+        assert np.abs(pair[..., 0].astype(int) - expected).mean() < 3
+        assert np.abs(pair[..., 3].astype(int) - expected).mean() < 3
+
+
+@pytest.mark.parametrize("channels", [4, 6])
+def test_training_batch_matches_the_files_read_the_plain_way(tmp_path, channels):
+    """A batch equals full decodes resized to the training size, to within what reduced JPEG decoding changes."""
+    data = jpeg_pairs(tmp_path / "d", n=4, h=384, w=480, ir_layers=3)  # imgsz 160: decoded at 1/2, then resized
+    data["channels"] = channels
+    ds = build_paired_dataset(cfg(imgsz=160), data["train"], 4, data, "train", 32)
+    batch = next(iter(build_dataloader(ds, 4, 0, shuffle=False)))
+    for img, im_file in zip(batch["img"].numpy(), batch["im_file"]):
+        rgb = cv2.resize(cv2.imread(im_file), (160, 128), interpolation=cv2.INTER_AREA)[..., ::-1]
+        ir = cv2.resize(
+            cv2.imread(str(ir_path(im_file)), cv2.IMREAD_GRAYSCALE), (160, 128), interpolation=cv2.INTER_AREA
+        )
+        plain = np.dstack([rgb] + [ir] * (channels - 3)).transpose(2, 0, 1).astype(int)
+        top = (160 - 128) // 2  # the frame sits centred in the square training image, padded with 114
+        got = img[:, top : top + 128].astype(int)
+        assert (img[:, :top] == PAD).all() and (img[:, top + 128 :] == PAD).all()
+        for c in range(channels):
+            assert np.abs(got[c] - plain[c]).mean() < 2.5, f"{im_file}: channel {c} differs from the plain read"
+        assert np.abs(got[0] - plain[2]).mean() > 20, "the test cannot tell red from blue"
+        assert np.abs(got[3] - np.roll(plain[3], 2, 1)).mean() > 5, "the test cannot tell a 2-pixel shift"
+
+
+@pytest.mark.parametrize("channels", [4, 6])
+@pytest.mark.parametrize("ir_layers", [1, 3])
+def test_boxes_stay_on_both_modalities_through_mosaic_and_affine(tmp_path, channels, ir_layers):
+    """White boxes drawn into both JPEG frames: after mosaic, affine and flips, the label boxes hold them in both."""
+    data = jpeg_pairs(tmp_path / "d", n=8, h=384, w=480, ir_layers=ir_layers, boxes_per_image=2)
+    data["channels"] = channels
+    args = cfg(imgsz=160, mosaic=1.0, degrees=3, translate=0.1, scale=0.3, fliplr=0.5, flipud=0.5)
+    ds = build_paired_dataset(args, data["train"], 4, data, "train", 32)
+    seed(0)
+    boxes_seen = 0
+    for i in range(16):
+        sample = ds[i % len(ds)]
+        img = sample["img"].numpy()
+        white = (img[:3] > 200).all(0)  # the boxes; the texture is never white in all three channels
+        for c in range(3, channels):
+            assert iou(white, img[c] > 200) > 0.9, f"sample {i}: IR channel {c} moved away from the RGB boxes"
+        for x, y, w, h in sample["bboxes"].numpy() * 160:  # normalized xywh
+            x0, y0, x1, y1 = (int(round(v)) for v in (x - w / 2, y - h / 2, x + w / 2, y + h / 2))
+            if min(x1 - x0, y1 - y0) < 6:
+                continue  # cut to a sliver by the crop: rounding dominates
+            boxes_seen += 1
+            for c, name in ((0, "RGB"), (channels - 1, "IR")):
+                on_box = (img[c, y0:y1, x0:x1] > 200).mean()
+                assert on_box > 0.6, f"sample {i}: label box {x0, y0, x1, y1} is not on the {name} box ({on_box:.2f})"
+    assert boxes_seen > 20
 
 
 # --------------------------------------------------------------------------------------------------------------- HSV
@@ -422,7 +557,9 @@ def test_cache_modes_match_no_cache_and_ignore_stock_npy(tmp_path):
     assert [p.name.split(".")[0] for p in pair_caches] == [p.stem for p in sorted(val_dir.glob("*.jpg"))]
     for p in pair_caches:
         im = p.with_name(p.name.split(".")[0] + ".jpg")
-        assert np.array_equal(np.load(p), load_pair(im, 4))
+        with open(p, "rb") as fh:
+            np.load(fh)  # the header
+            assert np.array_equal(np.load(fh), load_pair(im, 4, 64)[0]), "the pair is cached at training size"
 
 
 def test_disk_cache_refreshed_when_ir_changes(tmp_path):
@@ -440,6 +577,93 @@ def test_disk_cache_refreshed_when_ir_changes(tmp_path):
     h, w = 192, 256  # letterboxed into a rect shape, centred, the frame itself not resized
     top, left = (img.shape[1] - h) // 2, (img.shape[2] - w) // 2
     assert (img[3, top : top + h, left : left + w] == 201).all(), "a stale pair cache was used after the IR changed"
+
+
+def disk_cached_val(tmp_path, imgsz: int = 256):
+    """A 2-pair val split and a function that builds its dataset with CACHE="disk", as each launch does."""
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=1, n_val=2)))
+    return data, lambda **kw: build_paired_dataset(
+        cfg(imgsz=imgsz, cache="disk", **kw), data["val"], 2, data, "val", 32
+    )
+
+
+def file_ids(paths) -> dict:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def test_disk_cache_written_only_when_missing_or_stale(tmp_path):
+    data, build = disk_cached_val(tmp_path)
+    build()
+    caches = sorted(Path(data["val"]).glob("*.pair4.npy"))
+    assert len(caches) == 2
+    before = file_ids(caches)
+    build()
+    assert file_ids(caches) == before, "a second launch with nothing changed rewrote the disk cache"
+
+    # One IR frame replaced by another file that keeps an older mtime (cp -p, rsync -a): only its cache is rewritten.
+    im = sorted(Path(data["val"]).glob("*.jpg"))[0]
+    ir = ir_path(im)
+    older = ir.stat().st_mtime_ns - 10**10
+    cv2.imwrite(str(ir), np.full((192, 256), 201, np.uint8))
+    os.utime(ir, ns=(older, older))
+    ds = build()
+    rewritten = [p for p, ids in file_ids(caches).items() if ids != before[p]]
+    assert rewritten == [im.with_suffix(".pair4.npy")]
+    img = ds[ds.im_files.index(str(im))]["img"].numpy()
+    top, left = (img.shape[1] - 192) // 2, (img.shape[2] - 256) // 2
+    assert (img[3, top : top + 192, left : left + 256] == 201).all(), "the stale cache was served"
+
+    # Another training size is another cache: rewritten, and served at the new size.
+    ds = build_paired_dataset(cfg(imgsz=128, cache="disk"), data["val"], 2, data, "val", 32)
+    assert all(ids != before[p] for p, ids in file_ids(caches).items())
+    assert ds.cached_pair(0)[0].shape == (96, 128, 4) and ds.load_image(0)[0].shape == (96, 128, 4)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_disk_cache_is_warned_deleted_and_read_again(tmp_path, monkeypatch, damage):
+    """A cache file broken by a disk error never stops a launch: one warning, the file goes, the images are read."""
+    data, build = disk_cached_val(tmp_path)
+    expected = [s["img"] for s in build_paired_dataset(cfg(imgsz=256), data["val"], 2, data, "val", 32)]
+    build()
+    broken = sorted(Path(data["val"]).glob("*.pair4.npy"))[0]
+    content = broken.read_bytes()
+    broken.write_bytes({"truncated": content[: len(content) // 2], "garbage": b"\x93NUMPY?" * 40, "empty": b""}[damage])
+    warnings = []
+    monkeypatch.setattr(fdata.LOGGER, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+
+    for cache in ("disk", False):  # the launch that finds it, then a launch without caching that reads the files
+        ds = build_paired_dataset(cfg(imgsz=256, cache=cache), data["val"], 2, data, "val", 32)
+        for i in range(len(ds)):
+            sample = ds[i]
+            assert torch.equal(sample["img"], expected[ds.im_files.index(sample["im_file"])])
+    assert len([w for w in warnings if str(broken) in w]) == 1, warnings
+    build()
+    with open(broken, "rb") as fh:  # whole again after the next launch
+        np.load(fh)
+        assert np.load(fh).shape == (192, 256, 4)
+
+
+def test_disk_cache_write_never_leaves_half_a_file(tmp_path, monkeypatch):
+    data, build = disk_cached_val(tmp_path)
+    build()
+    cache = sorted(Path(data["val"]).glob("*.pair4.npy"))[0]
+    old = cache.read_bytes()
+    ir = ir_path(cache.with_name(cache.name.split(".")[0] + ".jpg"))
+    cv2.imwrite(str(ir), np.full((192, 256), 201, np.uint8))  # stale now: this launch rewrites it
+    save = np.save
+
+    def disk_full_mid_write(fh, arr, *args, **kwargs):
+        if arr.ndim == 3:  # the stack, after the header
+            fh.write(b"\0" * 1000)
+            raise OSError(28, "No space left on device")
+        return save(fh, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", disk_full_mid_write)
+    ds = build()
+    assert cache.read_bytes() == old, "the cache file was replaced by a partial one"
+    assert not list(cache.parent.glob("*.tmp")), "a temporary file was left behind"
+    img = ds[ds.im_files.index(str(cache.with_name(cache.name.split(".")[0] + ".jpg")))]["img"].numpy()
+    assert (img[3][img[3] != PAD] == 201).all(), "the stale cache was served"
 
 
 # ------------------------------------------------------------------------------------------------------ label cache
@@ -479,6 +703,39 @@ def test_label_cache_rebuilt_after_ir_change(tmp_path):
     cv2.imwrite(str(ir), np.zeros((50, 50), np.uint8))
     ds = build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
     assert np.load(cache_file, allow_pickle=True).item()["hash"] == ds.get_cache_hash() != stored
+
+
+# ------------------------------------------------------------------------------------------ every pair, before training
+def break_ir(ir: Path, how: str) -> None:
+    if how == "garbage":
+        ir.write_bytes(b"not an image, " * 20)
+    elif how == "empty":
+        ir.write_bytes(b"")
+    elif how == "16-bit":
+        cv2.imwrite(str(ir), np.full((192, 256), 40000, np.uint16))
+    else:  # 16-bit colour
+        cv2.imwrite(str(ir), np.full((192, 256, 3), 40000, np.uint16))
+
+
+@pytest.mark.parametrize("how", ["garbage", "empty", "16-bit", "16-bit colour"])
+def test_bad_ir_in_the_middle_of_the_set_stops_before_training(tmp_path, how):
+    """check_dataset decodes the first pair only; the dataset checks every IR header when it builds its label cache."""
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=8, n_val=2)))
+    ir = sorted((tmp_path / "d" / "imagesIR" / "train").iterdir())[5]
+    good = ir.read_bytes()
+    break_ir(ir, how)
+    with pytest.raises(DatasetError) as e:
+        build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    assert_one_line_error(e, str(ir), "IR image")
+    assert not (tmp_path / "d" / "labels" / "train.cache").exists(), "a bad set must not get a label cache"
+
+    ir.write_bytes(good)  # fixed: builds, and caches the check with the labels
+    build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    assert (tmp_path / "d" / "labels" / "train.cache").exists()
+    break_ir(ir, how)  # broken after a good launch: the changed file invalidates the cache, so it is checked again
+    with pytest.raises(DatasetError) as e:
+        build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    assert_one_line_error(e, str(ir), "IR image")
 
 
 # --------------------------------------------------------------------------------------------------- check_dataset

@@ -4,13 +4,17 @@ CPU only, no network: the training run is 2 epochs on 8 demo pairs at imgsz 64 (
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import threading
+from copy import copy
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, make_dataset
@@ -18,7 +22,7 @@ from ultralytics.nn import tasks
 from ultralytics.utils.torch_utils import get_flops
 
 import yolofuse
-from yolofuse.engine import FuseDetectionModel, side_by_side
+from yolofuse.engine import FuseDetectionModel, FuseTrainer, FuseValidator, side_by_side
 from yolofuse.nn import Modality
 
 MID = ROOT / "yolov8n-fuse.yaml"
@@ -67,6 +71,14 @@ def test_yaml_builds_through_yolo_with_four_channels(cfg):
         y = model.model(torch.zeros(1, 4, 128, 128))
     y = y[0] if isinstance(y, (tuple, list)) else y
     assert y.shape == (1, 4 + 80, 16 * 16 + 8 * 8 + 4 * 4)
+
+
+@pytest.mark.parametrize("cfg, params, gflops", [(MID, 4.46, 11.8), (EARLY, 3.01, 8.2)], ids=["mid", "early"])
+def test_model_size_is_the_readmes(cfg, params, gflops):
+    """The README's figures: parameters and GFLOPs at 640 of each architecture with the demo's 3 classes."""
+    model = FuseDetectionModel(str(cfg), ch=4, nc=3, verbose=False)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == params
+    assert round(get_flops(model, 640), 1) == gflops
 
 
 @pytest.mark.parametrize("cfg", [MID, EARLY], ids=["mid", "early"])
@@ -170,9 +182,11 @@ import json, sys
 from yolofuse import YOLO
 best, rgb, orphan = sys.argv[1:4]
 model = YOLO(best)
-r = model.predict(rgb, imgsz=64, device="cpu", verbose=False)
+# conf 0.001: a 2-epoch model's confidences are about 0.004 (its boxes span the frame; test_export.py's better-trained
+# model checks that predictions follow the IR frame)
+r = model.predict(rgb, imgsz=64, device="cpu", verbose=False, conf=0.001)
 out = {"n": len(r), "shape": list(r[0].orig_img.shape), "predictor": type(model.predictor).__name__,
-       "channels": model.model.yaml.get("channels"), "boxes": len(r[0].boxes)}
+       "channels": model.model.yaml.get("channels"), "boxes": r[0].boxes.data.tolist()}
 try:
     model.predict(orphan, imgsz=64, device="cpu", verbose=False)
     out["orphan_error"] = None
@@ -180,6 +194,42 @@ except Exception as e:
     out["orphan_error"] = type(e).__name__ + ": " + str(e)
 print("RESULT " + json.dumps(out))
 """
+LABEL_ROWS = 26  # Ultralytics writes each tile's file name along its top, in an 18-px font
+PLOTTED = {}  # plot file name -> the batch (and predictions) it was drawn from, kept by the classes below
+
+
+def wait_for_plots():
+    """Ultralytics writes plots on background threads: wait for them before reading the files."""
+    for thread in threading.enumerate():
+        if thread.name.endswith("(plot_images)"):  # Python names a thread after its target
+            thread.join(timeout=60)
+
+
+def keep(batch: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class PlotKeepingValidator(FuseValidator):
+    def plot_val_samples(self, batch, ni):
+        PLOTTED[f"val_batch{ni}_labels"] = keep(batch)
+        super().plot_val_samples(batch, ni)
+
+    def plot_predictions(self, batch, preds, ni, max_det=None):
+        PLOTTED[f"val_batch{ni}_pred"] = keep(batch), [keep(p) for p in preds]
+        super().plot_predictions(batch, preds, ni, max_det)
+
+
+class PlotKeepingTrainer(FuseTrainer):
+    """FuseTrainer that keeps each batch it plots, so the plot files' pixels can be checked against it."""
+
+    def plot_training_samples(self, batch, ni):
+        PLOTTED[f"train_batch{ni}"] = keep(batch)
+        super().plot_training_samples(batch, ni)
+
+    def get_validator(self):
+        return PlotKeepingValidator(
+            self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks
+        )
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +248,7 @@ def trained(tmp_path_factory):
     mp.setattr(socket, "getaddrinfo", lambda *a, **k: refuse(*a))
     try:
         yolofuse.YOLO(str(MID)).train(
+            trainer=PlotKeepingTrainer,
             data=str(data),
             epochs=2,
             imgsz=64,
@@ -211,6 +262,7 @@ def trained(tmp_path_factory):
         )
     finally:
         mp.undo()
+    wait_for_plots()
     return tmp, data, attempts
 
 
@@ -222,15 +274,82 @@ def test_training_writes_best_and_never_touches_network(trained):
     assert attempts == [], f"training tried to reach the network: {attempts}"
 
 
-def test_training_plots_rgb_and_ir_side_by_side(trained):
+def tile_boxes(boxes: torch.Tensor, h: int, w: int) -> np.ndarray:
+    """x1 y1 x2 y2 in a tile's pixels, from normalized xywh (labels) or pixel xyxy (predictions)."""
+    boxes = boxes.numpy().copy()
+    if boxes.size and boxes.max() <= 1.1:
+        boxes *= [w, h, w, h]
+        return np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+    return boxes
+
+
+def assert_plot_shows_pairs(file: Path, img: torch.Tensor, boxes: list[np.ndarray]):
+    """Each tile of Ultralytics' plot grid is RGB | IR of one image of `img` (the batch, N x C x h x w), and each
+    box (x1 y1 x2 y2 in the image's pixels) is drawn at the same place on both halves."""
+    plot = cv2.imread(str(file))[..., ::-1].astype(int)  # plotted in RGB
+    n, _, h, w = img.shape
+    ns = math.ceil(n**0.5)
+    assert plot.shape[:2] == (ns * h, ns * 2 * w), plot.shape
+    frames = (img * 255).round().int().permute(0, 2, 3, 1).numpy()
+    told_apart = edges = 0  # images whose RGB and IR differ enough to tell the halves apart; box edges checked
+    for i in range(n):
+        x, y = 2 * w * (i // ns), h * (i % ns)  # the grid fills columns first
+        rgb, ir = frames[i, ..., :3], frames[i, ..., 3:]
+        ir = np.repeat(ir, 3, axis=2) if ir.shape[2] == 1 else ir
+        left, right = plot[y : y + h, x : x + w], plot[y : y + h, x + w : x + 2 * w]
+        off_left, off_right = np.abs(left - rgb).max(2), np.abs(right - ir).max(2)  # > 40: drawn on (or JPEG)
+        # Pixels where IR and RGB differ (a pedestrian in IR, a sign in RGB), away from what is drawn on the left half
+        # and from the file-name label along the top: there the right half must show IR, not RGB.
+        drawn = cv2.dilate((off_left > 40).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        drawn[:LABEL_ROWS] = True
+        differ = (np.abs(ir - rgb).max(2) > 40) & ~drawn
+        if differ.sum() >= 30:
+            told_apart += 1
+            assert np.median(off_right[differ]) < 16, f"{file.name}, image {i}: the right half is not the IR frame"
+            assert np.median(np.abs(right - rgb).max(2)[differ]) > 40, f"{file.name}, image {i}: right half is RGB"
+        for x1, y1, x2, y2 in boxes[i].round().astype(int):
+            rows = np.arange(max(y1, LABEL_ROWS) + 2, min(y2, h - 3) - 2)  # off the labels and the tile border
+            if not 3 <= x1 < w - 3 or len(rows) < 3:
+                continue
+            edges += 1
+            for half, off in (("left", off_left), ("right", off_right)):
+                seen = (off[rows, x1 : x1 + 2] > 40).any(1).mean()  # the box's left edge, 2 px wide
+                assert seen > 0.5, f"{file.name}, image {i}: box {(x1, y1, x2, y2)} is not drawn on the {half} half"
+    assert told_apart, f"{file.name}: RGB and IR look alike in every image, so the halves cannot be told apart"
+    assert edges or not sum(map(len, boxes)), f"{file.name}: no box large enough to check"
+
+
+def test_training_and_val_plots_show_rgb_and_ir_with_each_box_on_both(trained, tmp_path):
     tmp, _, _ = trained
-    plot = cv2.imread(str(tmp / "run" / "train_batch0.jpg"))
-    assert plot is not None
-    # batch 4 in a 2 x 2 grid, each tile one 64 x 64 training image shown as RGB | IR: 64 x 128.
-    assert plot.shape[:2] == (2 * 64, 2 * 128), plot.shape
-    # Val plots too: 4 val frames (192 x 256, letterboxed into a 64 x 96 rect batch) as 64 x 192 tiles.
-    val = cv2.imread(str(tmp / "run" / "val_batch0_labels.jpg"))
-    assert val is not None and val.shape[:2] == (2 * 64, 2 * 192), val.shape
+    run = tmp / "run"
+    batch = PLOTTED["train_batch0"]  # 4 mosaic images of 64 x 64, tiles of 64 x 128
+    h, w = batch["img"].shape[2:]
+    boxes = [tile_boxes(batch["bboxes"][batch["batch_idx"] == i], h, w) for i in range(len(batch["img"]))]
+    assert sum(map(len, boxes)), "no labelled boxes in the batch: nothing to check"
+    assert_plot_shows_pairs(run / "train_batch0.jpg", batch["img"], boxes)
+
+    batch = PLOTTED["val_batch0_labels"]  # 4 val frames letterboxed into a 64 x 96 rect batch
+    h, w = batch["img"].shape[2:]
+    boxes = [tile_boxes(batch["bboxes"][batch["batch_idx"] == i], h, w) for i in range(len(batch["img"]))]
+    assert_plot_shows_pairs(run / "val_batch0_labels.jpg", batch["img"], boxes)
+
+    batch, preds = PLOTTED["val_batch0_pred"]
+    # A 2-epoch model's predictions are all under the plot's 0.25 threshold: the frames are checked, and the boxes
+    # below with confident predictions (the labels), drawn by the same validator.
+    assert all((p["conf"] < 0.25).all() for p in preds)
+    assert_plot_shows_pairs(run / "val_batch0_pred.jpg", batch["img"], [np.zeros((0, 4))] * len(batch["img"]))
+    validator = FuseValidator(save_dir=tmp_path)
+    validator.names = {0: "person", 1: "sign", 2: "car"}
+    confident = [
+        {"bboxes": torch.tensor(b, dtype=torch.float32), "conf": torch.full((len(b),), 0.9), "cls": c}
+        for b, c in zip(
+            (tile_boxes(batch["bboxes"][batch["batch_idx"] == i], h, w) for i in range(len(batch["img"]))),
+            (batch["cls"][batch["batch_idx"] == i].view(-1) for i in range(len(batch["img"]))),
+        )
+    ]
+    validator.plot_predictions(batch, confident, 0)
+    wait_for_plots()
+    assert_plot_shows_pairs(tmp_path / "val_batch0_pred.jpg", batch["img"], [p["bboxes"].numpy() for p in confident])
 
 
 def test_best_pt_predicts_in_fresh_process(trained, tmp_path):
@@ -257,7 +376,12 @@ def test_best_pt_predicts_in_fresh_process(trained, tmp_path):
     out = json.loads(lines[-1][len("RESULT ") :])
     assert out["predictor"] == "FusePredictor" and out["channels"] == 4
     assert out["n"] == 1
-    assert out["shape"] == list(cv2.imread(str(rgb)).shape)
+    h, w = cv2.imread(str(rgb)).shape[:2]
+    assert out["shape"] == [h, w, 3]
+    boxes = np.array(out["boxes"])  # x1 y1 x2 y2 conf cls, in the RGB frame's pixels
+    assert len(boxes) and ((boxes[:, 4] >= 0.001) & (boxes[:, 4] <= 1)).all()
+    assert (boxes[:, :4] >= 0).all() and (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
+    assert boxes[:, 2].max() > 64, "boxes must be in the original frame's pixels, not the 64-px model input's"
     missing_ir = tmp_path / "o" / "imagesIR" / "val" / f"{rgb.stem}.*"  # any image suffix
     assert out["orphan_error"] and out["orphan_error"].startswith("DatasetError")
     assert str(missing_ir) in out["orphan_error"]

@@ -486,8 +486,8 @@ def _missing_dataset_folder(data: Path):
     return (), [str(data), str(nowhere)]
 
 
-def _unreadable_ir(data: Path):
-    ir = sorted((data.parent / "imagesIR" / "train").iterdir())[0]
+def _unreadable_ir_mid_set(data: Path):
+    ir = sorted((data.parent / "imagesIR" / "train").iterdir())[5]  # not the first pair: every pair is checked
     ir.write_bytes(b"not an image")
     return (), [str(ir), "unreadable"]
 
@@ -498,7 +498,7 @@ def _unknown_setting(data: Path):
 
 @pytest.mark.parametrize(
     "breaks",
-    [_missing_ir, _junk_label, _missing_config, _missing_dataset_folder, _unreadable_ir, _unknown_setting],
+    [_missing_ir, _junk_label, _missing_config, _missing_dataset_folder, _unreadable_ir_mid_set, _unknown_setting],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_bad_input_is_a_one_line_error(tmp_path, tiny_data, breaks):
@@ -550,3 +550,76 @@ def test_cleanup_prunes_during_training_and_keeps_what_it_must(tmp_path, tiny_da
     assert "whitelisted mAP50=0.95" in res.stdout and ".keep" in res.stdout
     newest = [line for line in res.stdout.splitlines() if "exp5" in line and "kept: newest" in line]
     assert len(newest) == 3, newest  # before epoch 1, after epoch 1, after epoch 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 10. Changed settings on resume: what the checkpoint decides is a note; what it can't take is refused, changing nothing
+
+
+def trained_model(ckpt: dict):
+    return ckpt.get("ema") or ckpt.get("model")  # a finished run's stripped checkpoint keeps it under "model"
+
+
+@pytest.mark.parametrize("model", ["models/yolov8n-fuse-early.yaml", "renamed-away.yaml"], ids=["other", "missing"])
+def test_changed_or_missing_model_is_a_note_and_the_run_keeps_its_architecture(tmp_path, killed_run, model):
+    runs, data = copy_of(killed_run, tmp_path / "runs")
+    res = run_train_dual(*settings_of(runs, data, 3), f"MODEL={model}")
+    assert_ok(res)
+    assert "Unfinished run" in res.stdout and model in res.stdout, tail(res)
+    assert "resuming with the checkpoint's" in res.stdout, tail(res)
+    assert csv_epochs(runs) == [1, 2, 3]
+    layers = {type(m).__name__ for m in trained_model(load_ckpt(runs / "weights" / "last.pt")).modules()}
+    assert "Modality" in layers, "the resumed run did not keep the checkpoint's mid-fusion architecture"
+
+
+def test_moved_dataset_is_a_note_and_the_run_trains_on_the_new_path(tmp_path, killed_run):
+    runs, _ = copy_of(killed_run, tmp_path / "runs")
+    moved = make_dataset(tmp_path / "moved")
+    res = run_train_dual(*settings_of(runs, moved, 3))
+    assert_ok(res)
+    assert f"DATA is now {moved}" in res.stdout, tail(res)
+    assert csv_epochs(runs) == [1, 2, 3]
+    assert load_ckpt(runs / "weights" / "last.pt")["train_args"]["data"] == str(moved)
+    assert (moved.parent / "labels" / "train.cache").is_file(), "the resumed run did not read the moved dataset"
+
+
+def without_lock(files: dict[str, str]) -> dict[str, str]:
+    return {rel: digest for rel, digest in files.items() if rel != LOCK_NAME}  # a launch writes its PID there
+
+
+def _other_class_names(tmp_path: Path) -> Path:
+    data = make_dataset(tmp_path / "renamed")
+    data.write_text(data.read_text().replace("0: person", "0: pedestrian"))
+    return data
+
+
+def _three_channel_ir(tmp_path: Path) -> Path:
+    import cv2
+
+    data = make_dataset(tmp_path / "rgb_ir3", channels=6)
+    for ir in (data.parent / "imagesIR").rglob("*.png"):
+        cv2.imwrite(str(ir), cv2.cvtColor(cv2.imread(str(ir), cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2BGR))
+    return data
+
+
+@pytest.mark.parametrize(
+    "new_data, conflict, torn_last",
+    [(_other_class_names, "classes", True), (_three_channel_ir, "channels: 6", False)],
+    ids=["classes-with-corrupt-last", "channels"],
+)
+def test_class_or_channel_change_is_refused_before_any_change(tmp_path, killed_run, new_data, conflict, torn_last):
+    """The refusal comes before any change: a torn last.pt is not yet swapped for last.prev.pt, nothing is pruned."""
+    runs, _ = copy_of(killed_run, tmp_path / "runs")
+    if torn_last:
+        last = runs / "weights" / "last.pt"
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    (runs / "exp1").mkdir()  # an old experiment that KEEP_LATEST=0 would prune
+    before = without_lock(snapshot(runs))
+    data = new_data(tmp_path)
+    res = run_train_dual(*settings_of(runs, data, 3), "KEEP_LATEST=0")
+    assert res.returncode != 0 and "Traceback" not in res.stderr, tail(res)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), tail(res)
+    assert conflict in lines[0] and "checkpoint" in lines[0] and "moving" in lines[0], lines[0]
+    after = without_lock(snapshot(runs))
+    assert after == before, f"the refused launch changed the run folder: {sorted(after.items() ^ before.items())}"

@@ -4,11 +4,15 @@ Layout (YOLOFuse / LLVIP): images/<split>/x.jpg (RGB), imagesIR/<split>/x.<any e
 labels/<split>/x.txt (one label file for both). The stacked array is H x W x C, channels R, G, B, then IR.
 """
 
+import math
+import os
+from functools import cached_property, partial
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
+from PIL import Image
 from ultralytics.data.augment import RandomHSV
 from ultralytics.data.dataset import YOLODataset
 from ultralytics.data.utils import IMG_FORMATS, get_hash, img2label_paths
@@ -19,6 +23,17 @@ from yolofuse import replay
 RGB_DIR, IR_DIR = "images", "imagesIR"
 SUPPORTED_CHANNELS = {4: "RGB + 1-channel IR", 6: "RGB + 3-channel IR"}
 IR_READ = {4: cv2.IMREAD_GRAYSCALE, 6: cv2.IMREAD_COLOR}  # how IR is decoded for each `channels:` value
+# A JPEG can be scaled by 1/2, 1/4 or 1/8 while it is decoded (in the DCT domain), at a fraction of the full cost.
+JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # SOFn: the size
+JPEG_REDUCED = {
+    cv2.IMREAD_COLOR: {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8},
+    cv2.IMREAD_GRAYSCALE: {
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    },
+}
+RGB_BGR = [0, 2, 1, 1, 2, 0]  # cv2.mixChannels pairs: channels 0-2 reversed (the stack is RGB, stock HSV wants BGR)
 COLOUR_SPREAD = 4  # mean max-min over an IR frame's 3 channels above this: colour-mapped (JPEG noise is ~1)
 _warned = set()  # kinds of warning already given: each is given once per process, not once per frame
 
@@ -52,28 +67,116 @@ def ir_path(rgb_path) -> Path:
     return ir_dir / rgb_path.name  # missing: callers report it as `<stem>.*`
 
 
-def load_pair(rgb_path, channels: int) -> np.ndarray:
-    """Read an RGB image and its IR partner as one H x W x `channels` uint8 array (RGB first, then IR).
+def _ir_error(ir_file: Path, problem: str, rgb_name: str = "") -> DatasetError:
+    """One line naming the IR file and the fix, the same whether the pre-training check or the loader finds it."""
+    if problem == "missing":
+        return DatasetError(f"{ir_file.with_suffix('.*')}: IR image for {rgb_name} is missing; add it")
+    if problem == "unreadable":
+        return DatasetError(f"{ir_file}: IR image is unreadable; replace it")
+    return DatasetError(f"{ir_file}: IR image has more than 8 bits per channel; convert it to 8-bit")
 
-    `channels` decides how IR is read, whatever the file holds: 4 decodes it as one gray channel (a 3-channel file
-    is converted to gray), 6 as three channels (a 1-channel file is replicated).
+
+def check_ir_header(rgb_file) -> None:
+    """The cheap check of one pair before training: its IR partner exists, and its header is readable and 8-bit."""
+    ir_file = ir_path(rgb_file)
+    if not ir_file.is_file():
+        raise _ir_error(ir_file, "missing", Path(rgb_file).name)
+    try:
+        with Image.open(ir_file) as im:  # reads the header only
+            deep = im.mode in ("I", "F") or ";16" in str(im.tile[:1])  # 16/32-bit gray, or 16-bit colour
+    except Exception:
+        raise _ir_error(ir_file, "unreadable") from None
+    if deep:
+        raise _ir_error(ir_file, "deep")
+
+
+def _verify_pair(verify, args):
+    """Stock's label-cache check of one RGB image and its labels, after its IR partner's header check."""
+    check_ir_header(args[0])
+    return verify(args)
+
+
+def _fit_size(hw: tuple[int, int], imgsz: int | None) -> tuple[int, int]:
+    """Stock `load_image`'s training size (w, h) for a frame of size `hw`: long side to imgsz, aspect kept."""
+    h0, w0 = hw
+    r = imgsz / max(h0, w0) if imgsz else 1
+    return (min(math.ceil(w0 * r), imgsz), min(math.ceil(h0 * r), imgsz)) if r != 1 else (w0, h0)
+
+
+def _jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(h, w) from a JPEG's frame header (before any EXIF turn); None for other files. Reads only the markers."""
+    b = data.data  # a memoryview: indexing it gives plain ints, far cheaper than NumPy scalars
+    if b[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(b) and b[i] == 0xFF:
+        if b[i + 1] == 0xFF:  # a fill byte before a marker
+            i += 1
+            continue
+        if b[i + 1] in JPEG_FRAME_MARKERS:
+            return b[i + 5] << 8 | b[i + 6], b[i + 7] << 8 | b[i + 8]
+        i += 2 + (b[i + 2] << 8 | b[i + 3])  # skip the segment
+    return None
+
+
+def _reduction(hw: tuple[int, int], size: tuple[int, int]) -> int:
+    """The largest JPEG scale-down (8, 4, 2, else 1) whose output still covers `size`, either way round (EXIF)."""
+    short, long = sorted(hw)
+    need_short, need_long = sorted(size)
+    return next((f for f in (8, 4, 2) if math.ceil(short / f) >= need_short and math.ceil(long / f) >= need_long), 1)
+
+
+def _read(path, flags: int, size_for) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """Decode one file with cv2 `flags` at the size (w, h) that `size_for(original hw)` gives; (image, original hw).
+
+    A JPEG is decoded at the smallest DCT reduction that still covers that size, then resized the rest of the way;
+    other formats (PNG, TIFF, ...) are decoded in full and resized. The image is None when unreadable.
     """
-    rgb = cv2.imread(str(rgb_path), cv2.IMREAD_COLOR)
+    try:
+        data = np.fromfile(path, np.uint8)  # one read; cv2 decodes from memory
+    except OSError:
+        return None, None
+    hw0 = _jpeg_size(data)
+    if hw0:
+        factor = _reduction(hw0, size_for(hw0))
+        im = cv2.imdecode(data, JPEG_REDUCED[flags & cv2.IMREAD_COLOR][factor] if factor > 1 else flags)
+        if im is not None and im.shape[:2] != tuple(math.ceil(n / factor) for n in hw0):
+            hw0 = hw0[::-1]  # cv2 turned it as its EXIF orientation says
+    else:
+        im = cv2.imdecode(data, flags) if data.size else None
+        hw0 = im.shape[:2] if im is not None else None
+    if im is None:
+        return None, None
+    w, h = size_for(hw0)
+    if im.shape[:2] != (h, w):
+        im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
+    return im, hw0
+
+
+def load_pair(
+    rgb_path, channels: int, imgsz: int | None = None, ir_file: Path | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read one pair the way training, validation and prediction do; returns (stack, the RGB frame's original hw).
+
+    The stack is H x W x `channels` uint8, R, G, B, then IR, with its long side resized to `imgsz` (None: the RGB
+    frame's own size) and the IR frame resized to the RGB frame. `channels` decides how IR is read, whatever the
+    file holds: 4 decodes it as one gray channel (a 3-channel file is converted to gray), 6 as three channels (a
+    1-channel file is replicated). `ir_file` is the IR partner when the caller has already looked it up.
+    """
+    ir_file = ir_file or ir_path(rgb_path)
+    rgb, hw0 = _read(rgb_path, cv2.IMREAD_COLOR, lambda hw: _fit_size(hw, imgsz))
     if rgb is None:
         raise DatasetError(f"{rgb_path}: RGB image is missing or unreadable; replace it or remove it with its label")
-    ir_file = ir_path(rgb_path)
-    if not ir_file.is_file():
-        raise DatasetError(f"{ir_file.with_suffix('.*')}: IR image for {Path(rgb_path).name} is missing; add it")
-    ir = cv2.imread(str(ir_file), IR_READ[channels] | cv2.IMREAD_ANYDEPTH)  # ANYDEPTH: 16-bit is reported, not cut
+    size = rgb.shape[1::-1]
+    ir, ir_hw0 = _read(ir_file, IR_READ[channels] | cv2.IMREAD_ANYDEPTH, lambda hw: size)  # 16-bit reported, not cut
     if ir is None:
-        raise DatasetError(f"{ir_file}: IR image is unreadable; replace it")
+        raise _ir_error(ir_file, "unreadable" if ir_file.is_file() else "missing", Path(rgb_path).name)
     if ir.dtype != np.uint8:
-        raise DatasetError(f"{ir_file}: IR image is {ir.dtype}; convert it to 8-bit")
-    ir = ir[..., None] if ir.ndim == 2 else ir[..., ::-1]  # 3-channel IR in RGB order too
-    if ir.shape[:2] != rgb.shape[:2]:
-        _warn_once("size", f"{ir_file}: IR size {ir.shape[1]}x{ir.shape[0]} differs from RGB; resizing IR frames")
-        ir = cv2.resize(ir, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR).reshape(*rgb.shape[:2], -1)
-    return np.concatenate([rgb[..., ::-1], ir], axis=2)  # cv2 reads BGR; the model gets RGB
+        raise _ir_error(ir_file, "deep")
+    if ir_hw0 != hw0:
+        _warn_once("size", f"{ir_file}: IR size {ir_hw0[1]}x{ir_hw0[0]} differs from RGB; resizing IR frames")
+    rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)  # cv2 decodes BGR; the model gets RGB, for IR too
+    return cv2.merge([rgb, ir if ir.ndim == 2 else cv2.cvtColor(ir, cv2.COLOR_BGR2RGB)]), hw0  # stacked once
 
 
 def _warn_if_colour_mapped(ir_file: Path, channels: int) -> None:
@@ -93,10 +196,22 @@ class RGBOnlyHSV(RandomHSV):
     """Stock HSV jitter on the RGB channels only: thermal intensities are temperatures, not colours."""
 
     def apply_image(self, labels, params=None):
+        if not (self.hgain or self.sgain or self.vgain):
+            return labels
         img = labels["img"]
-        bgr = np.ascontiguousarray(img[..., 2::-1])  # stock jitters a BGR frame
-        super().apply_image({"img": bgr})
-        img[..., :3] = bgr[..., ::-1]
+        if not img.flags.c_contiguous:  # cv2 writes the result back into it
+            img = labels["img"] = np.ascontiguousarray(img)
+        if img.shape[2] == 4:  # cv2's 4-channel colour conversions are SIMD; the IR plane is set aside meanwhile
+            ir = cv2.extractChannel(img, 3)
+            bgr = cv2.cvtColor(img, cv2.COLOR_RGBA2BGR)
+            super().apply_image({"img": bgr})  # stock jitters a BGR frame
+            cv2.cvtColor(bgr, cv2.COLOR_BGR2RGBA, dst=img)
+            cv2.insertChannel(ir, img, 3)
+        else:
+            bgr = np.empty((*img.shape[:2], 3), np.uint8)
+            cv2.mixChannels([img], [bgr], RGB_BGR)  # copies the RGB part only
+            super().apply_image({"img": bgr})
+            cv2.mixChannels([bgr], [img], RGB_BGR)
         return labels
 
 
@@ -107,12 +222,29 @@ class PairedDataset(YOLODataset):
         # The stock hash covers RGB images and labels; adding, removing or replacing IR files must also invalidate it.
         return get_hash([super().get_cache_hash(), *map(str, map(ir_path, self.im_files))])
 
+    def verify_args(self):
+        """Stock checks every image and label file when it builds the label cache; each IR header is checked there too.
+
+        So a bad pair anywhere in the set stops the run before epoch 1, and the check costs nothing again until a
+        file changes (the cache hash covers the IR files).
+        """
+        verify, args = super().verify_args()
+        return partial(_verify_pair, verify), args
+
     def build_transforms(self, hyp=None):
         transforms = super().build_transforms(hyp)
         for k, t in enumerate(transforms.transforms):
             if type(t) is RandomHSV:  # stock skips anything but 3 channels; jitter the RGB part instead
                 transforms.transforms[k] = RGBOnlyHSV(hgain=t.hgain, sgain=t.sgain, vgain=t.vgain)
         return transforms
+
+    @cached_property
+    def ir_files(self) -> list[Path]:
+        """Each image's IR partner, looked up once (pathlib work per sample costs about 3% of a sample).
+
+        First used when images are cached or loaded, after Ultralytics has settled the order of `im_files`.
+        """
+        return [ir_path(f) for f in self.im_files]
 
     def __getitem__(self, key):
         # The train loader passes replay.SampleKey: seeded augmentation, mosaic partners from the sample's own batch.
@@ -123,32 +255,77 @@ class PairedDataset(YOLODataset):
         # Own suffix per channel count: never read or overwritten by a stock RGB cache (x.npy).
         return Path(self.im_files[i]).with_suffix(f".pair{self.channels}.npy")
 
-    def read_pair(self, i: int) -> np.ndarray:
-        """The stacked pair, from its disk cache when that is newer than both images."""
+    @property
+    def long_side(self) -> int:
+        """The training size: `imgsz`, or the larger side of an export's fixed (h, w) input, as stock resizes to."""
+        return max(self.imgsz) if isinstance(self.imgsz, (list, tuple)) else self.imgsz
+
+    def cache_key(self, i: int) -> list[int]:
+        """What a cached pair depends on: the training size, and the size and mtime_ns of both image files.
+
+        (Sizes too: a file copied over another with `cp -p` or `rsync -a` may keep an older mtime.)
+        """
+        rgb, ir = os.stat(self.im_files[i]), os.stat(self.ir_files[i])
+        return [self.long_side, rgb.st_size, rgb.st_mtime_ns, ir.st_size, ir.st_mtime_ns]
+
+    def cached_pair(self, i: int, header_only: bool = False):
+        """(stack, original hw) from the disk cache, or None when there is none or it is stale.
+
+        A cache file holds two arrays: the header [h0, w0, *cache_key], then the stack. A corrupt file is reported,
+        deleted, and treated as missing. With `header_only`, the stack is not read (it is None).
+        """
         f = self.pair_cache_file(i)
-        if f.exists():
-            newest = max(Path(self.im_files[i]).stat().st_mtime, ir_path(self.im_files[i]).stat().st_mtime)
-            if f.stat().st_mtime >= newest:
-                return np.load(f)
-        return load_pair(self.im_files[i], self.channels)
+        if not f.exists():
+            return None
+        try:
+            key = self.cache_key(i)
+        except FileNotFoundError:
+            return None  # an image is gone: load_pair names it
+        try:
+            with open(f, "rb") as fh:
+                header = np.load(fh)
+                if header[2:].tolist() != key:
+                    return None
+                return (None if header_only else np.load(fh)), (int(header[0]), int(header[1]))
+        except FileNotFoundError:
+            return None  # deleted meanwhile by another worker that found it corrupt
+        except Exception as e:
+            LOGGER.warning(f"{self.prefix}{f}: corrupt pair cache ({e}); deleting it and reading the images")
+            f.unlink(missing_ok=True)
+            return None
+
+    def read_pair(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """`load_pair` at training size; with CACHE="disk", from the pair's cache file when that holds this key."""
+        cached = self.cache == "disk" and self.cached_pair(i)
+        return cached or load_pair(self.im_files[i], self.channels, self.long_side, self.ir_files[i])
 
     def cache_images_to_disk(self, i: int) -> None:
-        np.save(self.pair_cache_file(i), self.read_pair(i), allow_pickle=False)
+        """Write the pair's cache file when it is missing or stale, atomically: a kill never leaves half a file."""
+        if self.cached_pair(i, header_only=True):
+            return
+        key = self.cache_key(i)  # before reading: a file changed meanwhile makes this cache stale, not wrong
+        im, (h0, w0) = load_pair(self.im_files[i], self.channels, self.long_side, self.ir_files[i])
+        f = self.pair_cache_file(i)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # one per process: DDP ranks may cache the same file
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.array([h0, w0, *key], np.int64))
+                np.save(fh, im)
+            os.replace(tmp, f)
+        except OSError as e:  # e.g. a full disk: train from the images, as stock does
+            _warn_once("cache write", f"{self.prefix}{f}: pair cache not written ({e}); reading the images instead")
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_image(self, i: int, rect_mode: bool = True, resize_short: bool = False):
-        """Stock `load_image` reads one file with cv2; this reads the pair, then resizes and buffers the same way."""
+        """Stock `load_image` reads one file, then resizes it; this reads the pair already at training size.
+
+        The long side is `imgsz`, as stock's default. (`rect_mode` and `resize_short` are stock options for other
+        tasks; detection never changes them.) Recent images are kept for mosaic exactly as stock does.
+        """
         if self.ims[i] is not None:  # RAM cache or mosaic buffer
             return self.ims[i], self.im_hw0[i], self.im_hw[i]
-        im = self.read_pair(i)
-        h0, w0 = im.shape[:2]
-        if rect_mode:  # long side to imgsz, aspect kept
-            r = self.imgsz / max(h0, w0)
-            if r != 1:
-                size = (min(round(w0 * r), self.imgsz), min(round(h0 * r), self.imgsz))
-                im = cv2.resize(im, size, interpolation=cv2.INTER_LINEAR)
-        elif (h0, w0) != (self.imgsz, self.imgsz):
-            im = cv2.resize(im, (self.imgsz, self.imgsz), interpolation=cv2.INTER_LINEAR)
-        im = im.reshape(*im.shape[:2], self.channels)  # cv2 drops a trailing single channel
+        im, (h0, w0) = self.read_pair(i)
         if self.augment and self.cache != "ram":  # keep recent images for mosaic, as stock does
             self.ims[i], self.im_hw0[i], self.im_hw[i] = im, (h0, w0), im.shape[:2]
             self.buffer.append(i)

@@ -8,18 +8,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import ultralytics
+from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
+from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
-from ultralytics.utils import LOGGER, RANK, colorstr
+from ultralytics.utils import LOGGER, RANK, colorstr, ops
 from ultralytics.utils.torch_utils import unwrap_model
 
-from yolofuse import checkpoint, replay
-from yolofuse.data import PairedDataset, check_dataset, load_pair
+from yolofuse import checkpoint, ddp, replay
+from yolofuse.data import DatasetError, PairedDataset, check_dataset, load_pair
+from yolofuse.source import PairedSource
 
 DEFAULT_CHANNELS = 4  # RGB + 1-channel IR, when a model is built without a dataset to say otherwise
 
 
-def build_paired_dataset(args, img_path, batch, data, mode, stride):
+def build_paired_dataset(args, img_path, batch, data, mode, stride, rect=False):
     """The stock `build_yolo_dataset` settings, with the paired dataset class."""
     return PairedDataset(
         img_path=img_path,
@@ -27,7 +30,7 @@ def build_paired_dataset(args, img_path, batch, data, mode, stride):
         batch_size=batch,
         augment=mode == "train",
         hyp=args,
-        rect=args.rect or mode == "val",
+        rect=args.rect or rect,
         cache=args.cache or None,
         single_cls=args.single_cls or False,
         stride=stride,
@@ -56,15 +59,27 @@ def side_by_side(batch: dict) -> dict:
     return {**batch, **wide}
 
 
-class FuseTrainer(DetectionTrainer):
+class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
     """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run."""
 
     def train(self):
+        if not self.ddp:
+            return super().train()
         # Ultralytics deletes save_dir before a fresh multi-GPU run; ours also holds the archived experiments and
         # the lock. Only this launching process reads `self.resume` there; the DDP workers get `args.resume`.
-        if self.ddp:
-            self.resume = True
-        return super().train()
+        self.resume = True
+        with ddp.workers_end_first():
+            return super().train()
+
+    def _setup_ddp(self):
+        ddp.watch_launcher()  # in each DDP worker, first thing
+        super()._setup_ddp()
+
+    def validate(self):
+        """Stock validation; under DDP every rank then hands in its RNG streams, for the last.pt rank 0 saves next."""
+        result = super().validate()
+        self.rank_rngs = replay.gather_rank_rngs(self.world_size) if self.world_size > 1 else None
+        return result
 
     def get_dataset(self):
         check_dataset(self.args.data)  # one-line errors before Ultralytics' own, longer ones
@@ -72,7 +87,7 @@ class FuseTrainer(DetectionTrainer):
 
     def build_dataset(self, img_path, mode="train", batch=None):
         stride = max(int(unwrap_model(self.model).stride.max()), 32)
-        return build_paired_dataset(self.args, img_path, batch, self.data, mode, stride)
+        return build_paired_dataset(self.args, img_path, batch, self.data, mode, stride, rect=mode == "val")
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
@@ -114,7 +129,8 @@ class FuseTrainer(DetectionTrainer):
             replay.restore(self, state, self.start_epoch)
         else:
             LOGGER.warning(f"{self.args.resume} has no exact-resume state; resuming from its FP16 EMA as stock does")
-        checkpoint.trim_results(self.csv, self.start_epoch)
+        if RANK in {-1, 0}:  # under DDP every rank resumes; one writes
+            checkpoint.trim_results(self.csv, self.start_epoch)
 
     def preprocess_batch(self, batch):
         self.accumulation.batch_started(self)
@@ -147,7 +163,8 @@ class FuseTrainer(DetectionTrainer):
         with self.staged_checkpoints():
             saved = super().save_model()
         staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
-        checkpoint.add_member(staged_last, replay.RESUME_MEMBER, replay.capture(self))
+        exact = replay.capture(self, getattr(self, "rank_rngs", None))  # rank_rngs: from `validate`, under DDP
+        checkpoint.add_member(staged_last, replay.RESUME_MEMBER, exact)
         if staged_best.exists():  # a new best
             checkpoint.commit(staged_best, self.best)
         checkpoint.commit(staged_last, self.last, keep_previous=True)
@@ -169,7 +186,29 @@ class FuseTrainer(DetectionTrainer):
         checkpoint.previous_of(self.last).unlink(missing_ok=True)  # a finished run has nothing to fall back to
 
 
+def model_channels(model) -> int | None:
+    """Input channels of a model object, or of an exported model file by its metadata (None when it has none)."""
+    if isinstance(model, torch.nn.Module):
+        return getattr(model, "yaml", {}).get("channels")
+    channels = BaseBackend.read_metadata(model).get("channels") if model else None
+    return int(channels) if channels else None
+
+
 class FuseValidator(DetectionValidator):
+    """DetectionValidator on stacked pairs, for the model in training or for a `.pt` or exported model on its own."""
+
+    def __call__(self, trainer=None, model=None):
+        self.model_channels = None if trainer else model_channels(model or self.args.model)
+        return super().__call__(trainer, model)
+
+    def get_dataloader(self, dataset_path, batch_size):
+        if self.model_channels and self.model_channels != self.data["channels"]:
+            raise DatasetError(
+                f"{self.args.data}: says channels: {self.data['channels']} but {self.args.model} takes "
+                f"{self.model_channels}; validate it on data with channels: {self.model_channels}"
+            )
+        return super().get_dataloader(dataset_path, batch_size)
+
     def build_dataset(self, img_path, mode="val", batch=None):
         return build_paired_dataset(self.args, img_path, batch, self.data, mode, self.stride)
 
@@ -190,18 +229,71 @@ class FuseValidator(DetectionValidator):
         super().plot_predictions(side_by_side(batch), both, ni, 2 * (max_det or self.args.max_det))
 
 
+class PairResults(Results):
+    """Results of one RGB+IR pair. As stock, `orig_img` is the RGB frame (BGR) and the boxes are in its pixels; `ir`
+    is the IR frame (BGR, 3 channels) at the same size. `plot`, `save` and `show` draw the boxes on RGB | IR side by
+    side, unless `side_by_side` is False or an `img` to draw on is given."""
+
+    def __init__(self, orig_img, ir, path, names, boxes=None, speed=None, side_by_side=True):
+        super().__init__(orig_img, path, names, boxes=boxes, speed=speed)
+        self.ir, self.side_by_side = ir, side_by_side
+
+    @classmethod
+    def from_pair(cls, pair: np.ndarray, path, names, boxes, side_by_side=True):
+        """From a stacked pair (R, G, B, then IR), as the predictor reads it."""
+        ir = pair[..., 3:]
+        ir = np.repeat(ir, 3, axis=2) if ir.shape[2] == 1 else ir[..., ::-1]
+        rgb = np.ascontiguousarray(pair[..., 2::-1])
+        return cls(rgb, np.ascontiguousarray(ir), path, names, boxes, side_by_side=side_by_side)
+
+    def new(self):
+        """Stock `new` (used by `cpu()`, `numpy()`, indexing) would drop the IR frame."""
+        result = PairResults(self.orig_img, self.ir, self.path, self.names, speed=self.speed)
+        result.side_by_side, result.save_dir = self.side_by_side, self.save_dir
+        return result
+
+    def plot(self, *args, **kwargs):
+        if not self.side_by_side or kwargs.get("img") is not None:
+            return super().plot(*args, **kwargs)
+        boxes = torch.as_tensor(self.boxes.data)
+        shifted = boxes.clone()
+        shifted[:, [0, 2]] += self.orig_shape[1]
+        wide = Results(np.hstack([self.orig_img, self.ir]), self.path, self.names, boxes=torch.cat([boxes, shifted]))
+        return wide.plot(*args, **kwargs)
+
+
 class FusePredictor(DetectionPredictor):
-    """Predict on RGB paths; each image's IR partner is found by the dataset's pairing rule."""
+    """Predict on RGB image or video files of any export format; each IR partner is found by the pairing rule and
+    read as training reads it, with the channel count of the loaded model (its yaml, or its export metadata)."""
+
+    side_by_side = True  # results plot, save and show RGB | IR
+
+    def setup_source(self, source, stride=None):
+        if not isinstance(source, torch.Tensor):  # a stacked (N, C, H, W) tensor in 0..1 goes through as stock
+            source = PairedSource(source, self.args.batch, self.args.vid_stride, self.model.channels)
+        super().setup_source(source, stride)
 
     def preprocess(self, im):
-        if not isinstance(im, torch.Tensor):
-            # The stock loader read only the RGB files; read the pairs (already RGB-first, so no BGR flip).
-            pairs = np.stack(
-                self.pre_transform([load_pair(path, self.model.model.yaml["channels"]) for path in self.batch[0]])
-            )
-            im = torch.from_numpy(pairs).to(self.device).permute(0, 3, 1, 2).contiguous()
-            return (im.half() if self.model.fp16 else im.float()) / 255
+        if not isinstance(im, torch.Tensor) and self.dataset.mode == "image":
+            # The model input is read as training reads it, decoded straight to its size; the full-size pairs in
+            # `im` are for the results. (Video frames have no file: the letterbox resizes them.)
+            im = [load_pair(path, self.model.channels, max(self.imgsz))[0] for path in self.batch[0]]
         return super().preprocess(im)
+
+    def postprocess(self, preds, img, orig_imgs, **kwargs):
+        if isinstance(orig_imgs, torch.Tensor):  # stock reverses a tensor's channels as if BGR; ours is RGB first
+            orig_imgs = list(ops.convert_torch2numpy_batch(orig_imgs))
+        return super().postprocess(preds, img, orig_imgs, **kwargs)
+
+    def construct_result(self, pred, img, orig_img, img_path):
+        pred[:, :4] = ops.scale_boxes(img.shape[2:], pred[:, :4], orig_img.shape)  # to the original frame's pixels
+        return PairResults.from_pair(orig_img, img_path, self.model.names, pred[:, :6], self.side_by_side)
+
+
+class RGBOnlyPredictor(FusePredictor):
+    """FusePredictor whose results plot, save and show the RGB frame alone, as stock does."""
+
+    side_by_side = False
 
 
 class FuseDetectionModel(DetectionModel):
@@ -213,10 +305,17 @@ class FuseDetectionModel(DetectionModel):
 
 
 class YOLO(ultralytics.YOLO):
-    """`ultralytics.YOLO` whose train, resume, val and predict use the paired classes above."""
+    """`ultralytics.YOLO` whose train, resume, val and predict use the paired classes above, on a `.pt` model or an
+    export of it (TorchScript, ONNX, OpenVINO, ...)."""
 
     def __init__(self, model="yolov8n-fuse.yaml", verbose=False):
         super().__init__(model=model, task="detect", verbose=verbose)
+
+    def predict(self, source=None, stream=False, predictor=None, side_by_side=True, **kwargs):
+        """Stock `predict` on RGB files with their IR partners. Saved and shown results are RGB | IR with the same
+        boxes on both halves; `side_by_side=False` gives the RGB frame alone, as stock."""
+        predictor = predictor or (FusePredictor if side_by_side else RGBOnlyPredictor)
+        return super().predict(source, stream, predictor, **kwargs)
 
     @property
     def task_map(self):

@@ -11,6 +11,7 @@ Three parts:
   the optimizer entries stock rounds to FP16 (SGD's momentum; it keeps Adam's moments in FP32) and the Python /
   NumPy / torch / CUDA RNG states. `checkpoint.add_member` stores it as one more member of `last.pt`'s zip, next to
   stock's untouched bytes.
+- Under DDP every rank keeps its own RNG streams; `gather_rank_rngs` hands them to rank 0, which saves them all.
 """
 
 import math
@@ -20,7 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import RandomSampler, Sampler
+from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import convert_optimizer_state_dict_to_fp16, unwrap_model
 
 from yolofuse import checkpoint
@@ -231,11 +234,26 @@ def rounded_by_stock(optimizer_state: dict) -> list:
     return [(i, k) for i, state in converted.items() for k, v in state.items() if v.dtype != dtypes[i, k]]
 
 
-def capture(trainer) -> dict:
-    """What the next epoch depends on and stock's checkpoint leaves out or rounds, at the end of an epoch (packed)."""
+def process_rng() -> dict:
+    """This process's RNG streams: Python, NumPy, torch, and CUDA where there is one."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def gather_rank_rngs(world_size: int) -> list[dict]:
+    """Every DDP rank's `process_rng`, in rank order; every rank must call it at the same point of the epoch."""
+    rngs = [None] * world_size
+    dist.all_gather_object(rngs, process_rng())
+    return rngs
+
+
+def capture(trainer, rank_rngs: list[dict] | None = None) -> dict:
+    """What the next epoch depends on and stock's checkpoint leaves out or rounds, at the end of an epoch (packed).
+
+    `rank_rngs`: under DDP, `gather_rank_rngs` from this epoch; a single process saves its own.
+    """
     model = unwrap_model(trainer.model)
     optimizer = trainer.optimizer.state_dict()
     accumulation = trainer.accumulation.state(model)
@@ -244,7 +262,7 @@ def capture(trainer) -> dict:
         "ema": pack(trainer.ema.ema.state_dict()),
         "optimizer": pack({(i, k): optimizer["state"][i][k] for i, k in rounded_by_stock(optimizer)}),
         "accumulation": {**accumulation, "grads": pack(accumulation["grads"])},
-        "rng": rng,
+        "rngs": rank_rngs or [process_rng()],
     }
 
 
@@ -253,7 +271,7 @@ def load_state(path, ckpt: dict | None = None) -> dict | None:
     checkpoint holds no exact-resume member.
 
     Keys: model and ema (state dicts), optimizer (stock's state dict with the entries it rounded put back in FP32),
-    accumulation (last_step, grads by parameter name) and rng.
+    accumulation (last_step, grads by parameter name) and rngs (each training process's RNG streams).
     """
     state = checkpoint.read_member(path, RESUME_MEMBER)
     if state is None:
@@ -267,7 +285,7 @@ def load_state(path, ckpt: dict | None = None) -> dict | None:
         "ema": unpack(state["ema"]),
         "optimizer": optimizer,
         "accumulation": {**state["accumulation"], "grads": unpack(state["accumulation"]["grads"])},
-        "rng": state["rng"],
+        "rngs": state["rngs"],
     }
 
 
@@ -296,9 +314,11 @@ def restore(trainer, state: dict, start_epoch: int) -> None:
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.accumulation.load(state["accumulation"])
     set_next_epoch(trainer.train_loader, start_epoch)
-    if trainer.world_size > 1:
-        return  # DDP ranks keep their own seeds: the saved streams are rank 0's
-    rng = state["rng"]
+    ranks = state["rngs"]
+    if len(ranks) != max(trainer.world_size, 1):
+        LOGGER.warning(f"last.pt was saved by {len(ranks)} training process(es): the trainer's RNG streams restart")
+        return
+    rng = ranks[max(RANK, 0)]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])

@@ -17,9 +17,8 @@ Layout written under ``root``::
     imagesIR/{train,val}/NNNN.png   IR frames (1-channel 8-bit PNG), paired by file stem
     labels/{train,val}/NNNN.txt     YOLO labels shared by both modalities
 
-Regenerate with ``python -m yolofuse.demo_data [OUT_DIR]`` (default ``datasets/demo_night``).
-This module imports nothing from the ``yolofuse`` package, so ``python yolofuse/demo_data.py``
-works too.
+Regenerate with ``python datasets/make_demo_night.py [OUT_DIR]`` (default: ``demo_night`` beside this script).
+A build tool for the committed demo data, not part of the training package: it needs only numpy and OpenCV.
 """
 
 import sys
@@ -350,7 +349,10 @@ def _label_text(labels):
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def make_demo(root="datasets/demo_night", n_train=64, n_val=32, seed=0):
+DEFAULT_ROOT = Path(__file__).resolve().parent / "demo_night"
+
+
+def make_demo(root=DEFAULT_ROOT, n_train=64, n_val=32, seed=0):
     """Write the synthetic RGB+IR night dataset under `root`; returns `root` as a Path.
 
     Deterministic: the same (n_train, n_val, seed) gives identical pixels and label files.
@@ -383,7 +385,7 @@ def make_demo(root="datasets/demo_night", n_train=64, n_val=32, seed=0):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    out = argv[0] if argv else "datasets/demo_night"
+    out = argv[0] if argv else DEFAULT_ROOT
     root = make_demo(out)
     n = {s: len(list((root / "labels" / s).glob("*.txt"))) for s in ("train", "val")}
     print(f"wrote {root}: {n['train']} train / {n['val']} val pairs, classes {list(CLASSES)}")

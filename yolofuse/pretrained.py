@@ -1,0 +1,243 @@
+"""Start a fused RGB+IR model from a pretrained single-stream Ultralytics detection checkpoint (e.g. yolov8n.pt).
+
+Which fused layer takes which checkpoint layer is read from the two model definitions (their yaml layer lists):
+- each `Modality` layer starts a stream, and the stream's layers must repeat the checkpoint's backbone, layer for
+  layer (module, repeats, args, inputs); a model without `Modality` layers (early fusion) has one backbone from layer 0;
+- a `Concat` of the two streams at the same depth, followed by a 1x1 `Conv`, is a fusion layer: the neck reads it
+  where the checkpoint's neck reads that depth of its backbone;
+- the layers after the backbone must repeat the checkpoint's neck and head, reading the same inputs.
+
+Then each checkpoint layer is put at the index of its fused counterpart(s), and stock `DetectionModel.load` matches
+the tensors by name and shape, so the head is treated exactly as stock treats it (class-output layers re-initialized
+when the class count differs, rows of same-named classes kept). What stock cannot know is set here: each stream's
+first conv gets the checkpoint's RGB filters on its own modality's channels only (IR: the sum over the RGB filters for
+1 IR channel, so a gray image gives the response of R=G=B; a copy for 3), and each fusion conv starts as the mean of
+the two streams.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.nn.tasks import guess_model_task
+from ultralytics.utils import is_online
+from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, GITHUB_ASSETS_REPO, attempt_download_asset
+
+from yolofuse import checkpoint
+from yolofuse.checkpoint import CheckpointError
+from yolofuse.nn import RGB_CHANNELS
+
+STREAM = {"rgb": "RGB stream", "ir": "IR stream", None: "backbone"}  # part names, by the stream's Modality argument
+NECK = "neck/head"
+
+
+def start_from(model, weights: Path, data: Path) -> str:
+    """Give `model` (a yolofuse.YOLO built from a fused yaml) the weights of `weights`; its `train()` starts from them.
+
+    The fused model is built for `data`'s classes and channels, as the trainer would build it, and the transfer is
+    checked before anything trains: a checkpoint of another task, family or scale raises CheckpointError naming the
+    file and the mismatch. Returns the one-line summary of what was transferred.
+    """
+    weights = locate(weights)
+    source = checkpoint.load(weights)
+    source = (source.get("ema") or source["model"]).float()
+    config = check_det_dataset(str(data))
+    fused = type(model.model)(model.cfg, ch=config["channels"], nc=config["nc"], verbose=False)
+    fused.names = config["names"]  # stock load keeps the rows of same-named classes, as the trainer's load does
+    summary = transfer(source, fused, weights)
+    # Model.train() seeds its trainer from model.model only while model.ckpt is set, as after Model.load (the trainer
+    # otherwise rebuilds the model from the yaml, with random weights); the trainer's copy takes every tensor by name.
+    model.model, model.ckpt = fused, {"model": fused}
+    return summary
+
+
+def locate(weights: Path) -> Path:
+    """The checkpoint file. A missing stock asset (yolov8n.pt, ...) is downloaded there by Ultralytics' own download,
+    only when Ultralytics considers the machine online: never with YOLO_OFFLINE=1, which yolofuse sets by default."""
+    failed = ""
+    if not weights.is_file() and weights.name in GITHUB_ASSETS_NAMES and is_online():
+        try:
+            attempt_download_asset(weights)
+        except Exception as e:  # a failed download ends in the one-line message below
+            failed = f" (the download failed: {type(e).__name__})"
+    if weights.is_file():
+        return weights
+    if weights.name in GITHUB_ASSETS_NAMES:
+        where = (
+            f"download it from https://github.com/{GITHUB_ASSETS_REPO}/releases and put it there "
+            "(or run with YOLO_OFFLINE=0 to let Ultralytics download it)"
+        )
+    else:
+        where = "put an Ultralytics detection checkpoint there (e.g. yolov8n.pt), or fix WEIGHTS"
+    raise CheckpointError(f"{weights}: WEIGHTS not found{failed}; {where}")
+
+
+@dataclass
+class LayerMap:
+    """What each fused layer takes from the checkpoint, read from the two yaml definitions."""
+
+    source: dict[int, int]  # fused layer -> checkpoint layer
+    part: dict[int, str]  # fused layer -> RGB stream, IR stream, backbone (early fusion) or neck/head
+    streams: dict[int, str | None]  # first layer of each stream -> its modality ("rgb", "ir"; None: both, stacked)
+    fusions: list[int]  # the 1x1 fusion convs
+
+
+def layer_map(ours: dict, theirs: dict, weights: Path) -> LayerMap:
+    """Match the fused model's yaml layers to the checkpoint's; CheckpointError names the first layer that differs."""
+    layers, backbone, head = ours["backbone"] + ours["head"], theirs["backbone"], theirs["head"]
+    src_layers = backbone + head
+
+    def inputs(entries: list, j: int) -> list[int]:
+        f = entries[j][0]
+        return [j + x if x < 0 else x for x in (f if isinstance(f, list) else [f])]
+
+    def check(j: int, i: int, stands_for: dict[int, int]) -> None:
+        """Layer j must be built like checkpoint layer i, and read what i reads (layer 0 reads the image)."""
+        if (
+            j >= len(layers)
+            or layers[j][1:] != src_layers[i][1:]
+            or (i > 0 and [stands_for.get(x) for x in inputs(layers, j)] != inputs(src_layers, i))
+        ):
+            found = f"{layers[j][2]} reading {layers[j][0]}" if j < len(layers) else "missing"
+            raise CheckpointError(
+                f"{weights}: does not fit MODEL {_name(ours)}: its layer {j} is {found}, the checkpoint's "
+                f"({_name(theirs)}) layer {i} is {src_layers[i][2]} reading {src_layers[i][0]}; "
+                "use a detection checkpoint of MODEL's family"
+            )
+
+    streams = {j + 1: args[0] for j, (_, _, m, args) in enumerate(layers) if m == "Modality"} or {0: None}
+    source, part = {}, {}
+    for start, modality in streams.items():
+        in_stream = {start + p: p for p in range(len(backbone))}
+        for j, p in in_stream.items():
+            check(j, p, in_stream)
+            source[j], part[j] = p, STREAM[modality]
+    # What the neck may read: the backbone (one stream), or a fusion conv standing for the depth it fuses (two)
+    stands_for, fusions = (dict(source) if len(streams) == 1 else {}), []
+    for j in range(1, len(ours["backbone"])):
+        f, _, m, args = layers[j]
+        concat = inputs(layers, j - 1) if layers[j - 1][2] == "Concat" else []
+        depths = {source.get(x) for x in concat}
+        one_from_each = len(concat) == len(streams) == 2 and len({part.get(x) for x in concat}) == 2
+        if one_from_each and len(depths) == 1 and None not in depths and (f, m, args[1:2]) == (-1, "Conv", [1]):
+            stands_for[j] = depths.pop()
+            fusions.append(j)
+    first_head = len(ours["backbone"])
+    for k in range(len(head)):
+        j, i = first_head + k, len(backbone) + k
+        check(j, i, stands_for)
+        stands_for[j], source[j], part[j] = i, i, NECK
+    if len(layers) != first_head + len(head):
+        raise CheckpointError(
+            f"{weights}: does not fit MODEL {_name(ours)}: its neck/head has {len(ours['head'])} layers, the "
+            f"checkpoint's ({_name(theirs)}) {len(head)}; use a detection checkpoint of MODEL's family"
+        )
+    return LayerMap(source, part, streams, fusions)
+
+
+def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
+    """Copy `source` (a single-stream DetectionModel) into `fused` in place; returns the one-line summary."""
+    plan = check_fits(source, fused, weights)
+    src_layers, src_names = list(source.model), source.names
+    rgb_filters = _first_conv(src_layers[0]).weight.detach().clone()
+    # The checkpoint's layers at the indices of their fused counterparts (one module at two indices for two streams):
+    # stock `load` then matches the tensors by name and shape, and fits the head to our classes exactly as stock does.
+    source.model = nn.Sequential(
+        *(src_layers[plan.source[j]] if j in plan.source else nn.Identity() for j in range(len(fused.model)))
+    )
+    theirs = {k: v.shape for k, v in source.state_dict().items()}
+    fused.load(source, verbose=False)
+
+    ir = fused.yaml["channels"] - RGB_CHANNELS
+    with torch.no_grad():
+        for start, modality in plan.streams.items():
+            conv = _first_conv(fused.model[start])
+            conv.weight.zero_()  # a stream's filters for the other modality's channels only ever see zeros
+            if modality in ("rgb", None):
+                conv.weight[:, :RGB_CHANNELS] = rgb_filters
+            if modality in ("ir", None):  # 1 channel: gray IR answers like R=G=B; 3 channels: as RGB
+                conv.weight[:, RGB_CHANNELS:] = rgb_filters.sum(1, keepdim=True) if ir == 1 else rgb_filters
+        for j in plan.fusions:
+            conv, bn = fused.model[j].conv, fused.model[j].bn
+            half = torch.eye(conv.out_channels)[:, :, None, None] / 2
+            conv.weight.copy_(torch.cat([half, half], 1))  # (a + b) / 2, channel by channel
+            bn.weight.fill_(1), bn.bias.zero_(), bn.running_mean.zero_(), bn.num_batches_tracked.zero_()
+            bn.running_var.fill_(1 - bn.eps)  # sqrt(var + eps) == 1: the BatchNorm is the identity in eval mode
+    first_conv = f"first conv: IR = {'sum' if ir == 1 else 'copy'} of the RGB filters"
+    return _summary(fused, plan, theirs, src_names, weights, first_conv)
+
+
+def check_fits(source: nn.Module, fused: nn.Module, weights: Path) -> LayerMap:
+    """The layer map, or CheckpointError naming the file and why it cannot start `fused`: task, family, scale, input."""
+    task = guess_model_task(source)
+    if task != "detect":
+        raise CheckpointError(
+            f"{weights}: a {task} checkpoint ({_name(source.yaml)}); WEIGHTS needs a detection checkpoint of "
+            "MODEL's family and scale (e.g. yolov8n.pt for yolov8n-fuse.yaml)"
+        )
+    plan = layer_map(fused.yaml, source.yaml, weights)
+    scale, src_scale = fused.yaml.get("scale"), source.yaml.get("scale")
+    if scale and src_scale and scale != src_scale:
+        raise CheckpointError(
+            f"{weights}: scale {src_scale} ({_name(source.yaml)}), but MODEL {_name(fused.yaml)} is scale {scale}; "
+            f"use the scale-{scale} checkpoint (or a scale-{src_scale} MODEL)"
+        )
+    channels = _first_conv(source.model[0]).in_channels
+    if channels != RGB_CHANNELS:
+        raise CheckpointError(
+            f"{weights}: its first conv takes {channels} input channel(s); WEIGHTS needs a checkpoint trained on "
+            "RGB images (3 channels), like Ultralytics' COCO ones"
+        )
+    return plan
+
+
+def _summary(fused: nn.Module, plan: LayerMap, theirs: dict, src_names: dict, weights: Path, first_conv: str) -> str:
+    """One line: tensors transferred per part, and those that were not, with the reason.
+
+    `theirs` holds the shapes the checkpoint offered under the fused names. Only class outputs may differ in shape
+    (a row per class); any other difference means the checkpoint does not fit after all, and raises."""
+    adapted = {id(_first_conv(fused.model[start]).weight) for start in plan.streams}
+    moved, total, class_outputs, unmatched = Counter(), Counter(), [], set()
+    for key, tensor in fused.state_dict(keep_vars=True).items():
+        j = int(key.split(".")[1])
+        if j not in plan.part:
+            if j not in plan.fusions:
+                unmatched.add(j)
+            continue
+        total[plan.part[j]] += 1
+        if id(tensor) in adapted or theirs.get(key) == tensor.shape:
+            moved[plan.part[j]] += 1
+        elif key in theirs and (theirs[key][0], len(tensor)) == (len(src_names), len(fused.names)):
+            class_outputs.append(key)
+        else:
+            raise CheckpointError(
+                f"{weights}: tensor {key} is {tuple(theirs.get(key, ()))} there, {tuple(tensor.shape)} in MODEL "
+                f"{_name(fused.yaml)}; use a detection checkpoint of MODEL's family and scale"
+            )
+    parts = {p: f"{p} {moved[p]}/{n}" for p, n in total.items()}
+    parts[STREAM[list(plan.streams.values())[-1]]] += f" ({first_conv})"
+    line = f"Transferred from {weights.name}: " + ", ".join(parts.values())
+    if plan.fusions:
+        line += f"; fusion: {len(plan.fusions)} 1x1 convs start as the mean of the two streams"
+    if unmatched:
+        line += f"; layers {', '.join(map(str, sorted(unmatched)))} have no counterpart there and start at random"
+    if class_outputs:
+        shared = {str(n).strip().lower() for n in src_names.values()}
+        kept = [n for n in fused.names.values() if str(n).strip().lower() in shared]
+        line += (
+            f"; not transferred: {len(class_outputs)} class-output tensors ({len(src_names)} classes there, "
+            f"{len(fused.names)} here), re-initialized as stock does"
+            + (f", keeping the rows of {', '.join(kept)}" if kept else "")
+        )
+    return line
+
+
+def _name(yaml_dict: dict) -> str:
+    return Path(yaml_dict.get("yaml_file", "?")).name
+
+
+def _first_conv(layer: nn.Module) -> nn.Conv2d:
+    return next(m for m in layer.modules() if isinstance(m, nn.Conv2d))
