@@ -69,8 +69,8 @@ def resolve(path) -> Path:
 
 
 def pick_device():
-    if DEVICE is not None:
-        device = str(DEVICE)
+    if DEVICE is not None:  # DEVICE=0,1 on the command line arrives as the tuple (0, 1)
+        device = ",".join(map(str, DEVICE)) if isinstance(DEVICE, (tuple, list)) else str(DEVICE)
     elif torch.cuda.is_available():
         print(f"Training on the GPU: cuda:0 ({torch.cuda.get_device_name(0)}).")
         return "0"
@@ -134,6 +134,12 @@ def main() -> int:
             if conflicts:
                 fix = f"restore DATA, or start a new experiment by moving {runs_dir / 'weights'} away"
                 raise CheckpointError(f"{found.checkpoint}: {conflicts[0]}; {fix}")
+            if WEIGHTS:
+                print(f"  WEIGHTS={WEIGHTS} ignored: a resumed run goes on from its own checkpoint's weights")
+        else:
+            model = YOLO(str(resolve(MODEL)))
+            if WEIGHTS:  # refuses, in one line, a checkpoint that does not fit MODEL
+                print(pretrained.start_from(model, resolve(WEIGHTS), data))
         if found.state in ("finished", "corrupt"):
             print(f"Archived the previous run as {checkpoint.archive_run(runs_dir)}.")
         elif found.state == "unfinished" and found.checkpoint != last:
@@ -145,14 +151,9 @@ def main() -> int:
         pruning.start_pass()  # before training too; what outlasts its time budget goes on in the background
         settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
         if found.state == "unfinished":
-            model = YOLO(str(last))
+            model = YOLO(str(last))  # after restore_previous: last.pt is the checkpoint resumed from
             settings.update(resume=str(last))
-            if WEIGHTS:
-                print(f"  WEIGHTS={WEIGHTS} ignored: a resumed run goes on from its own checkpoint's weights")
         else:
-            model = YOLO(str(resolve(MODEL)))
-            if WEIGHTS:
-                print(pretrained.start_from(model, resolve(WEIGHTS), data))
             settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
             settings.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)

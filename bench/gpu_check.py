@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-import yolofuse  # noqa: E402, F401  (keeps Ultralytics offline, registers the fusion layer)
+import yolofuse  # noqa: E402, F401  (keeps Ultralytics offline)
 from yolofuse import checkpoint, replay  # noqa: E402
 
 EPOCHS, KILL_AFTER, IMGSZ = 4, 2, 640

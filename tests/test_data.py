@@ -19,7 +19,7 @@ from ultralytics.data.augment import RandomHSV
 from ultralytics.data.build import build_dataloader
 from ultralytics.data.utils import check_det_dataset
 
-import yolofuse  # noqa: F401  (offline settings and the fusion layer, before ultralytics is used)
+import yolofuse  # noqa: F401  (offline settings, before ultralytics is used)
 from yolofuse import data as fdata
 from yolofuse.data import DatasetError, PairedDataset, RGBOnlyHSV, check_dataset, ir_path, load_pair
 from yolofuse.engine import build_paired_dataset

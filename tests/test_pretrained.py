@@ -333,6 +333,9 @@ def test_launcher_starts_a_fresh_run_from_weights_and_a_resumed_run_ignores_them
 def test_launcher_refuses_bad_weights_before_training(which, checkpoints, datasets, tmp_path):
     weights = checkpoints("yolov8n-seg.yaml") if which == "segment" else tmp_path / "yolov8n.pt"
     runs = tmp_path / "runs"
+    broken = runs / "weights" / "last.pt"  # a corrupt run, which a launch that goes ahead archives as exp1
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
     env = {k: v for k, v in os.environ.items() if k != "YOLO_OFFLINE"}  # the launcher's own default
     settings = (f"DATA={datasets(4)}", f"RUNS_DIR={runs}", "EPOCHS=1", f"WEIGHTS={weights}")
     done = subprocess.run(train_dual_cmd(*settings), capture_output=True, text=True, timeout=600, env=env)
@@ -340,4 +343,5 @@ def test_launcher_refuses_bad_weights_before_training(which, checkpoints, datase
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {weights}: "), done.stderr[-2000:]
     assert ("a segment checkpoint" if which == "segment" else "WEIGHTS not found") in errors[0]
-    assert not (runs / "weights" / "last.pt").exists() and not (runs / "results.csv").exists()
+    assert broken.read_bytes() == b"not a checkpoint" and not (runs / "exp1").exists(), "refused after a change"
+    assert not (runs / "results.csv").exists()

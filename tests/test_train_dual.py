@@ -20,7 +20,7 @@ import torch
 import yaml
 from conftest import killer_cmd, make_dataset, run_train_dual, train_dual_cmd
 
-import yolofuse  # noqa: F401  (registers the fusion layer, so checkpoints load in this process)
+import yolofuse  # noqa: F401  (keeps Ultralytics offline)
 from yolofuse import checkpoint, replay
 from yolofuse.lock import LOCK_NAME, is_locked
 
@@ -623,3 +623,11 @@ def test_class_or_channel_change_is_refused_before_any_change(tmp_path, killed_r
     assert conflict in lines[0] and "checkpoint" in lines[0] and "moving" in lines[0], lines[0]
     after = without_lock(snapshot(runs))
     assert after == before, f"the refused launch changed the run folder: {sorted(after.items() ^ before.items())}"
+
+
+def test_device_list_on_the_command_line_reaches_ultralytics_as_one_string(monkeypatch):
+    import train_dual
+
+    monkeypatch.setattr(train_dual, "DEVICE", None)  # restored after the test
+    train_dual.apply_overrides(["DEVICE=0,1"])  # Python reads the value as the tuple (0, 1)
+    assert train_dual.pick_device() == "0,1"

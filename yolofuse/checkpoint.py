@@ -2,6 +2,9 @@
 
 Files in `<run>/weights/`: `last.pt` (newest), `last.prev.pt` (the one before, kept until the next is whole),
 `best.pt`. Every write goes to `<stem>.tmp<suffix>`, is fsynced, then renamed over the old file.
+
+torch is imported only where a checkpoint is read or written: tools that only move run folders (cleanup.py) start
+without it.
 """
 
 import io
@@ -10,8 +13,6 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 PREVIOUS_SUFFIX = ".prev.pt"
 ARCHIVE_MARKER = ".archiving"  # names the expN a half-done archive is moving into
@@ -62,6 +63,8 @@ def write_durably(path: Path, data: bytes) -> None:
 
 def load(path: Path) -> dict:
     """The checkpoint dict, or CheckpointError naming the file when it is truncated or not a checkpoint."""
+    import torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickling garbage, missing class...
@@ -77,6 +80,8 @@ def add_member(path: Path, name: str, obj) -> None:
 
     The checkpoint's own bytes stay as they are, nothing is read back, and torch.load ignores the extra member.
     """
+    import torch
+
     with zipfile.ZipFile(path, "a") as archive:
         prefix = archive.namelist()[0].split("/")[0]  # torch keeps every record under one folder
         with archive.open(f"{prefix}/{name}", "w", force_zip64=True) as member:
@@ -85,6 +90,8 @@ def add_member(path: Path, name: str, obj) -> None:
 
 def read_member(path: Path, name: str):
     """What `add_member` stored as `name` in `path`, or None when it holds no such member."""
+    import torch
+
     try:
         with zipfile.ZipFile(path) as archive:
             found = [n for n in archive.namelist() if n.split("/", 1)[-1] == name]

@@ -15,9 +15,17 @@ from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER, RANK, colorstr, ops
 from ultralytics.utils.torch_utils import unwrap_model
 
-from yolofuse import checkpoint, ddp, replay
+from yolofuse import (
+    checkpoint,
+    ddp,
+    nn,  # noqa: F401  (registers the Modality layer, so fusion yamls build)
+    offline,
+    replay,
+)
 from yolofuse.data import DatasetError, PairedDataset, check_dataset, load_pair
 from yolofuse.source import PairedSource
+
+offline.install_fonts()  # before any plot: Ultralytics would download Arial
 
 DEFAULT_CHANNELS = 4  # RGB + 1-channel IR, when a model is built without a dataset to say otherwise
 
