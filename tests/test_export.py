@@ -98,9 +98,9 @@ def assert_rows_found(expected, got, tol, what, rtol=1e-3):
         same = got[got[:, 0] == row[0]]
         assert len(same), f"{what}: no class {int(row[0])} box"
         gap = np.abs(same[:, 1:5] - row[1:5]).max(1)
-        nearest = same[gap.argmin()]
         assert gap.min() <= tol, f"{what}: box {row[1:5].tolist()} is {gap.min():.3g} away"
-        assert abs(nearest[5] - row[5]) <= rtol * row[5], f"{what}: conf {nearest[5]} vs {row[5]}"
+        close = same[gap <= tol, 5]  # weak boxes of one class can overlap: any of them may be this one
+        assert (np.abs(close - row[5]) <= rtol * row[5]).any(), f"{what}: conf {close.tolist()} vs {row[5]}"
 
 
 def assert_same_boxes(expected, got, what):

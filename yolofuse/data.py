@@ -175,8 +175,13 @@ def load_pair(
         raise _ir_error(ir_file, "deep")
     if ir_hw0 != hw0:
         _warn_once("size", f"{ir_file}: IR size {ir_hw0[1]}x{ir_hw0[0]} differs from RGB; resizing IR frames")
-    rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)  # cv2 decodes BGR; the model gets RGB, for IR too
-    return cv2.merge([rgb, ir if ir.ndim == 2 else cv2.cvtColor(ir, cv2.COLOR_BGR2RGB)]), hw0  # stacked once
+    return stack_pair(rgb, ir), hw0
+
+
+def stack_pair(rgb: np.ndarray, ir: np.ndarray) -> np.ndarray:
+    """Decoded frames as one stack, R, G, B, then IR: `rgb` BGR as cv2 decodes it, `ir` gray or BGR, same size."""
+    rgb = cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB)  # the model gets RGB, for IR too
+    return cv2.merge([rgb, ir if ir.ndim == 2 else cv2.cvtColor(ir, cv2.COLOR_BGR2RGB)])  # stacked once
 
 
 def _warn_if_colour_mapped(ir_file: Path, channels: int) -> None:

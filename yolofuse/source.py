@@ -12,18 +12,19 @@ import numpy as np
 from ultralytics.data.loaders import LoadImagesAndVideos, SourceTypes
 from ultralytics.utils import LOGGER
 
-from yolofuse.data import IR_DIR, DatasetError, check_ir_header, ir_path, load_pair
+from yolofuse.data import IR_DIR, DatasetError, check_ir_header, ir_path, load_pair, stack_pair
 
 MAX_FRAME_GAP = 1  # RGB and IR videos whose frame counts differ by more are not one recording
 
 
 def stack_frames(rgb: np.ndarray, ir: np.ndarray, channels: int) -> np.ndarray:
-    """An RGB video frame and its IR frame (both BGR, as cv2 decodes video) laid out as `load_pair` lays out a pair:
-    R, G, B, then IR as one gray channel (`channels` 4) or three in RGB order (6), resized to the RGB frame."""
-    ir = cv2.cvtColor(ir, cv2.COLOR_BGR2GRAY)[..., None] if channels == 4 else ir[..., ::-1]
+    """An RGB video frame and its IR frame (both BGR, as cv2 decodes video) stacked as `load_pair` stacks a pair:
+    IR as one gray channel (`channels` 4) or three (6), resized to the RGB frame."""
+    if channels == 4:
+        ir = cv2.cvtColor(ir, cv2.COLOR_BGR2GRAY)
     if ir.shape[:2] != rgb.shape[:2]:
-        ir = cv2.resize(ir, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR).reshape(*rgb.shape[:2], -1)
-    return np.concatenate([rgb[..., ::-1], ir], axis=2)
+        ir = cv2.resize(ir, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return stack_pair(rgb, ir)
 
 
 def ir_video(rgb: str) -> Path:
