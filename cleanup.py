@@ -1,7 +1,11 @@
 """Prune old experiment folders in the runs folder: move them to a trash first; later purge them, or pack them
 into an archive folder; copy the models worth keeping to a backup folder. Restore an archive to a free expN.
 
-Importable (`prune`, `make_callback`, `restore`) and a command line:
+This file is the policy: what is pruned, archived or backed up, and when. The file mechanics live in
+`yolofuse/archive.py`: packing a folder into a checked archive, copying a file only when its content differs,
+unpacking an archive safely.
+
+Importable (`prune`, `make_callback`; restoring is `yolofuse.archive.restore`) and a command line:
 
     python cleanup.py [RUNS_DIR] [--keep N] [--map X] [--older-than AGE] [--archive-to DIR] [--backup-to DIR]
                       [--dry-run] [--purge-trash]
@@ -11,14 +15,11 @@ Importable (`prune`, `make_callback`, `restore`) and a command line:
 import argparse
 import ast
 import calendar
-import functools
-import hashlib
 import logging
 import math
 import os
 import re
 import shutil
-import stat
 import sys
 import tarfile
 import threading
@@ -29,7 +30,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from yolofuse.checkpoint import commit, next_experiment, staged
+from yolofuse.archive import (
+    ARCHIVE_SUFFIX,
+    ArchiveError,
+    RestoreError,
+    durable_copy,
+    is_real_dir,
+    restore,
+    same_content,
+    write_archive,
+)
 from yolofuse.lock import CLEANUP_LOCK_NAME, FolderLock, LockedError, is_locked
 
 log = logging.getLogger("cleanup")
@@ -40,7 +50,6 @@ TRASH_NAME = ".trash"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # UTC in the trash entry's name: its age survives copies and touches
 MAP_COLUMN = "metrics/mAP50(B)"
 GB = 1e9
-ARCHIVE_SUFFIX = ".tar"  # not .tar.gz: gzip saves ~11% on .pt files at a small fraction of the speed (bench_cleanup)
 BACKUP_FILES = ("weights/best.pt", "results.csv", "args.yaml")  # what a kept experiment's backup holds
 CALLBACK_BUDGET_S = 1.0  # the most a cleanup pass holds up training; the rest goes on in a background thread
 CLI_LOCK_WAIT_S = 10.0  # a command-line run waits this long for another cleanup (training's) before it skips
@@ -124,18 +133,6 @@ def _ctime(path) -> float:
 def _free_bytes(path) -> int:
     """Free space on the disk holding `path`; a function so tests can fake a full disk."""
     return shutil.disk_usage(path).free
-
-
-def _create(path):
-    """Open a new file for writing; a function so tests can fake a disk that fills up part-way."""
-    return open(path, "wb")
-
-
-def _is_real_dir(path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)  # lstat: a symlink to a folder is not a folder here
-    except OSError:
-        return False
 
 
 def map50_from_csv(csv_path) -> tuple[float | None, str]:
@@ -267,12 +264,12 @@ def _stamp_of(name: str) -> float | None:
 
 def find_trash(trash_dir) -> list[TrashEntry]:
     """Entries of the trash we created (real folders with a stamp in the name); other things are left alone."""
-    if not _is_real_dir(trash_dir):
+    if not is_real_dir(trash_dir):
         return []
     entries = []
     for path in Path(trash_dir).iterdir():
         stamp = _stamp_of(path.name)
-        if stamp is None or not _is_real_dir(path):
+        if stamp is None or not is_real_dir(path):
             log.info(f"{path}  left alone: not a trash entry made by cleanup")
             continue
         entries.append(TrashEntry(path, stamp, dir_size(path)))
@@ -317,83 +314,9 @@ def _purge(entry: TrashEntry) -> int:
 # --- archive ----------------------------------------------------------------------------------------------------
 
 
-class ArchiveError(RuntimeError):
-    """An archive does not hold its folder whole."""
-
-
 def archive_path(entry: TrashEntry, archive_dir: Path) -> Path:
     """`ARCHIVE_DIR/exp3-<UTC stamp>.tar`: the trash entry's own name, so a retry after a kill finds its archive."""
     return Path(archive_dir) / (entry.path.name + ARCHIVE_SUFFIX)
-
-
-def folder_listing(folder: Path) -> dict[str, tuple]:
-    """{path relative to `folder`: (kind, size or link target)} of everything under it, symlinks not followed."""
-    listing = {}
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                kind = ("link", os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                kind = ("dir", 0)
-            elif stat.S_ISREG(st.st_mode):
-                kind = ("file", st.st_size)
-            else:
-                kind = ("other", 0)  # fifo, socket, device: an archive that drops one does not match
-            listing[os.path.relpath(path, folder)] = kind
-    return listing
-
-
-def archive_listing(members: list, top: str) -> dict[str, tuple]:
-    """The same listing as `folder_listing`, from the members of an archive of the folder `top`."""
-    file_sizes = {m.name: m.size for m in members if m.isreg()}
-    listing = {}
-    for m in members:
-        if m.name == top:
-            continue
-        if m.issym():
-            kind = ("link", m.linkname)
-        elif m.isdir():
-            kind = ("dir", 0)
-        elif m.islnk():
-            kind = ("file", file_sizes.get(m.linkname))  # a hard link: the size of the file it shares
-        elif m.isreg():
-            kind = ("file", m.size)
-        else:
-            kind = ("other", 0)
-        listing[m.name.removeprefix(top + "/")] = kind
-    return listing
-
-
-def check_archive(archive: Path, folder: Path, top: str) -> None:
-    """Raise ArchiveError unless `archive` opens, holds every member's data in full (tarfile checks that while
-    listing), and lists every path under `folder` with its kind and size or link target."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ArchiveError(f"does not open ({type(e).__name__}: {e})") from None
-    stored, expected = archive_listing(members, top), folder_listing(folder)
-    if stored != expected:
-        differ = min(name for name in stored.keys() | expected.keys() if stored.get(name) != expected.get(name))
-        raise ArchiveError(f"holds {len(stored)} entries, the folder {len(expected)}; first to differ: {differ}")
-
-
-def write_archive(folder: Path, final: Path, top: str) -> None:
-    """Pack `folder` as `top/...` into `final`: written to a temp name, checked against the folder, fsynced, renamed.
-    On any failure (or a kill) `final` is never created; the temp file is removed, or overwritten by the retry."""
-    tmp = staged(final)
-    done = False
-    try:
-        with _create(tmp) as f, tarfile.open(fileobj=f, mode="w") as tar:
-            tar.add(folder, arcname=top)  # never follows symlinks
-        check_archive(tmp, folder, top)
-        commit(tmp, final)  # fsync, rename, fsync the folder
-        done = True
-    finally:
-        if not done:
-            tmp.unlink(missing_ok=True)
 
 
 def archive_entry(entry: TrashEntry, archive_dir: Path, dry_run: bool) -> Path | None:
@@ -417,25 +340,6 @@ def archive_entry(entry: TrashEntry, archive_dir: Path, dry_run: bool) -> Path |
 # --- backup -----------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4096)
-def _digest_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    """SHA-256 of a file, remembered by (path, size, mtime, inode): an unchanged file is read once per process."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _digest(path: Path) -> str:
-    st = os.stat(path)
-    return _digest_of(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def same_content(a: Path, b: Path) -> bool:
-    return b.is_file() and a.stat().st_size == b.stat().st_size and _digest(a) == _digest(b)
-
-
 def back_up(exp: Path, backup_dir: Path, dry_run: bool) -> list:
     """Copy `exp`'s BACKUP_FILES to `backup_dir/<exp name>/`, durably, skipping those already there with the same
     content; returns (copy, size, reason) for each file copied. Raises OSError when the backup folder fails."""
@@ -445,9 +349,7 @@ def back_up(exp: Path, backup_dir: Path, dry_run: bool) -> list:
         if not source.is_file() or source.is_symlink() or same_content(source, copy):
             continue
         if not dry_run:
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, staged(copy))
-            commit(staged(copy), copy)  # fsync, rename over an older copy, fsync the folder
+            durable_copy(source, copy)
         copied.append((copy, source.stat().st_size, "backed up"))
     return copied
 
@@ -455,7 +357,7 @@ def back_up(exp: Path, backup_dir: Path, dry_run: bool) -> list:
 def back_up_kept(candidates, map_whitelist: float, backup_dir: Path, report: Report) -> None:
     """Back up every experiment kept for its mAP or its .keep; a failure is logged, never raised."""
     worth = [c for c in sorted(candidates, key=lambda c: c.number) if is_worth_backing_up(c, map_whitelist)]
-    if worth and not _is_real_dir(backup_dir):
+    if worth and not is_real_dir(backup_dir):
         log.warning(f"{backup_dir}  is not a folder (not mounted?): no backups this time; create it or fix it")
         return
     for c in worth:
@@ -538,7 +440,7 @@ def prune(
     if not runs_dir.is_dir():
         log.warning(f"{runs_dir}  is not a folder; nothing done")
         return report
-    if os.path.lexists(trash_dir) and not _is_real_dir(trash_dir):
+    if os.path.lexists(trash_dir) and not is_real_dir(trash_dir):
         # a symlinked trash could lead the purge outside the runs folder
         log.warning(f"{trash_dir}  is not a real folder; nothing done")
         return report
@@ -577,7 +479,7 @@ def _trash_unneeded(candidates, reasons, trash_dir, now, map_whitelist, trash, r
 def _empty_trash(trash, runs_dir, now, trash_hours, min_free_gb, purge_all, archive_dir, report) -> None:
     """Purge (or archive, then remove) the trash entries that are due, oldest first."""
     dry_run = report.dry_run
-    if archive_dir is not None and not _is_real_dir(archive_dir):
+    if archive_dir is not None and not is_real_dir(archive_dir):
         log.warning(f"{archive_dir}  is not a folder (not mounted?): nothing archived this time; create it or fix it")
         return
     free = free_before = _free_bytes(runs_dir)  # queried once then counted up, so a dry run computes the same
@@ -675,70 +577,6 @@ def make_callback(
         raise ValueError(f"every must be >= 1, got {every}")
     folders = (str(d) if d is not None else None for d in (archive_dir, backup_dir))
     return PruneCallback(str(runs_dir), keep_latest, map_whitelist, every, min_free_gb, trash_hours, *folders)
-
-
-# --- restore ----------------------------------------------------------------------------------------------------
-
-
-class RestoreError(RuntimeError):
-    """An archive that can't be restored; the message names it and why."""
-
-
-def _single_top(members) -> str | None:
-    """The folder every member sits in (`exp3` of `exp3/...`), or None when members sit side by side."""
-    tops = {m.name.split("/", 1)[0] for m in members}
-    top = tops.pop() if len(tops) == 1 else None
-    if top in (None, ".") or not all((m.name == top and m.isdir()) or m.name.startswith(top + "/") for m in members):
-        return None
-    return top
-
-
-def _refusal(member: tarfile.TarInfo, target: Path) -> str | None:
-    """Why `member` may not be unpacked into `target`, or None. tarfile's "data" filter refuses `..` and links
-    that leave the target; it would unpack an absolute path inside the target, but such an archive is not ours."""
-    if os.path.isabs(member.name):
-        return "an absolute path"
-    try:
-        tarfile.data_filter(member, str(target))
-    except tarfile.FilterError as e:
-        return str(e)
-    return None
-
-
-def restore(archive, runs_dir) -> Path:
-    """Unpack `archive` (.tar or .tar.gz) into the next free `expN` of `runs_dir` and return that folder.
-
-    Every member is checked before anything is written: an absolute path, a `..` that leaves the target, or a link
-    pointing outside it refuses the whole archive. It is unpacked to a hidden folder first, then renamed."""
-    archive, runs_dir = Path(archive), Path(runs_dir)
-    if not _is_real_dir(runs_dir):
-        raise RestoreError(f"{runs_dir} is not a folder; create it or name another RUNS_DIR")
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise RestoreError(f"{archive} is not a readable tar archive ({type(e).__name__}: {e})") from None
-    unpack = runs_dir / f".restoring-{archive.name}"
-    with tar:
-        members = tar.getmembers()
-        if not members:
-            raise RestoreError(f"{archive} is empty; nothing restored")
-        for m in members:
-            why = _refusal(m, unpack)
-            if why:
-                raise RestoreError(
-                    f"{archive}: member {m.name!r} refused ({why}); nothing restored. Unpack it by hand if you trust it"
-                )
-        shutil.rmtree(unpack, ignore_errors=True)  # left by a restore that was killed
-        try:
-            tar.extractall(unpack, filter="data")
-            top = _single_top(members)
-            target = next_experiment(runs_dir)
-            if os.path.lexists(target):
-                raise RestoreError(f"{target} appeared meanwhile; run the restore again")
-            os.rename(unpack / top if top else unpack, target)
-        finally:
-            shutil.rmtree(unpack, ignore_errors=True)
-    return target
 
 
 # --- command line -----------------------------------------------------------------------------------------------

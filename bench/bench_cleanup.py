@@ -28,6 +28,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import cleanup  # noqa: E402
+import yolofuse.archive  # noqa: E402
 
 DEMO = ["EPOCHS=3", "IMGSZ=256", "BATCH=8", "NBS=8"]  # the README's demo settings, fewer epochs
 MB = 1e6
@@ -144,7 +145,7 @@ def archive_figures(work: Path, runs: int) -> None:
         for f in folders:
             target = out / f"{f.name}.tar"
             target.unlink(missing_ok=True)
-            cleanup.write_archive(f, target, f.name)  # written, checked against the folder, fsynced, renamed
+            yolofuse.archive.write_archive(f, target, f.name)  # written, checked against the folder, fsynced, renamed
 
     def tar(flags, suffix):
         def run():

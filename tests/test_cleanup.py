@@ -23,6 +23,7 @@ import torch
 from conftest import run_train_dual
 
 import cleanup
+import yolofuse.archive
 from yolofuse.lock import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -698,7 +699,7 @@ class GarblesAHeader(io.FileIO):
 def test_a_full_disk_while_archiving_keeps_the_folder(runs, archive_dir, monkeypatch, caplog):
     entry = trash_one(runs)
     before = snapshot(entry)
-    monkeypatch.setattr(cleanup, "_create", lambda path: DiskFillsUp(path, "wb"))
+    monkeypatch.setattr(yolofuse.archive, "_create", lambda path: DiskFillsUp(path, "wb"))
 
     with caplog.at_level(logging.INFO, logger="cleanup"):
         report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
@@ -736,7 +737,7 @@ def test_an_archive_dir_without_room_or_not_mounted_is_not_written_to(runs, arch
 def test_a_corrupt_archive_is_caught_before_the_folder_is_removed(runs, archive_dir, monkeypatch, caplog, writer):
     entry = trash_one(runs)
     before = snapshot(entry)
-    monkeypatch.setattr(cleanup, "_create", lambda path: writer(path, "wb"))
+    monkeypatch.setattr(yolofuse.archive, "_create", lambda path: writer(path, "wb"))
 
     with caplog.at_level(logging.INFO, logger="cleanup"):
         report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
@@ -750,7 +751,7 @@ def test_a_corrupt_archive_is_caught_before_the_folder_is_removed(runs, archive_
 def test_archiving_killed_half_way_is_redone_or_completed(runs, archive_dir, caplog):
     entry = trash_one(runs)
     final = archive_dir / f"{entry.name}.tar"
-    cleanup.staged(final).write_bytes(b"half an archive, the run was killed")  # killed while writing
+    yolofuse.archive.staged(final).write_bytes(b"half an archive, the run was killed")  # killed while writing
     report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
     assert names(report.archived) == [entry.name] and sorted(archive_dir.iterdir()) == [final]
     archived = final.read_bytes()
@@ -758,7 +759,7 @@ def test_archiving_killed_half_way_is_redone_or_completed(runs, archive_dir, cap
     # killed after the rename, before the folder was removed: the archive was checked before it got its name
     trash_one(runs, "exp2")
     entry2 = runs / ".trash" / f"exp2-{T0_STAMP}"
-    cleanup.write_archive(entry2, archive_dir / f"{entry2.name}.tar", "exp2")
+    yolofuse.archive.write_archive(entry2, archive_dir / f"{entry2.name}.tar", "exp2")
     with caplog.at_level(logging.INFO, logger="cleanup"):
         report = prune(runs, now=T0 + 25 * HOUR, archive_dir=archive_dir)
     assert names(report.archived) == [entry2.name] and not entry2.exists()
@@ -849,7 +850,7 @@ def test_backup_failures_are_logged_not_raised(runs, tmp_path, monkeypatch, capl
 
     backup = tmp_path / "nas"
     backup.mkdir()
-    monkeypatch.setattr(cleanup.shutil, "copyfile", broken_copy)
+    monkeypatch.setattr(yolofuse.archive.shutil, "copyfile", broken_copy)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="cleanup"):
         report = prune(runs, keep_latest=0, map_whitelist=0.9, now=T0, backup_dir=backup)
@@ -868,7 +869,7 @@ def test_a_hung_backup_folder_holds_training_no_longer_than_the_budget(runs, bac
         mounted.wait(60)  # a hard NFS mount that went away: the call blocks until it is back
         return real_copy(src, dst)
 
-    monkeypatch.setattr(cleanup.shutil, "copyfile", hung_nas_copy)
+    monkeypatch.setattr(yolofuse.archive.shutil, "copyfile", hung_nas_copy)
     callback = cleanup.make_callback(runs, 0, 0.9, every=1, min_free_gb=0, trash_hours=24.0, backup_dir=backup_dir)
     callback.budget_s = 0.3
     try:
@@ -1009,8 +1010,8 @@ def test_restore_refuses_members_that_escape(runs, tmp_path, bad):
     archive = write_tar(tmp_path / "evil.tar", [("exp1/results.csv", "file", b"epoch\n"), bad])
     before = listing(tmp_path)
 
-    with pytest.raises(cleanup.RestoreError, match=f"member '{re.escape(bad[0])}' refused.*nothing restored"):
-        cleanup.restore(archive, runs)
+    with pytest.raises(yolofuse.archive.RestoreError, match=f"member '{re.escape(bad[0])}' refused.*nothing restored"):
+        yolofuse.archive.restore(archive, runs)
 
     assert listing(tmp_path) == before  # no expN, no half-unpacked folder, nothing outside
     assert not Path("/tmp/yolofuse-restore-test-absolute.txt").exists()
@@ -1034,7 +1035,7 @@ def test_restore_takes_a_hand_made_tar_gz_to_the_next_free_exp(runs, tmp_path):
     (runs / "exp9_best").mkdir()
     source = make_run_tree(tmp_path / "exp2")
     subprocess.run(["tar", "-czf", str(tmp_path / "exp2.tar.gz"), "-C", str(tmp_path), "exp2"], check=True)
-    assert cleanup.restore(tmp_path / "exp2.tar.gz", runs) == runs / "exp5"
+    assert yolofuse.archive.restore(tmp_path / "exp2.tar.gz", runs) == runs / "exp5"
     assert snapshot(runs / "exp5") == snapshot(source)
     assert sorted(p.name for p in runs.iterdir()) == ["exp4", "exp5", "exp9_best"]
 
