@@ -922,6 +922,7 @@ import logging, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import cleanup
+import ultralytics.utils  # loaded in a real training process before its first callback
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
 runs, archive, backup = sys.argv[3:]
 callback = cleanup.make_callback(runs, 0, 0.9, 1, 0.0, 24.0, archive, backup)  # prune after every epoch
