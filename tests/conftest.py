@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,16 @@ def run_train_dual(*settings: str, timeout: int = 600, **kwargs) -> subprocess.C
     """Run the real script in a subprocess, as a user would; the output is kept for assertions."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(train_dual_cmd(*settings), capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def make_old_experiments(runs: Path) -> None:
+    """exp1..exp5 in runs, created in that order (exp5 newest by ctime): exp2 has best mAP50 0.95, exp3 a .keep, the
+    rest mAP50 0.1; and exp5_best, a renamed experiment that is never a cleanup candidate."""
+    for n, (map50, keep) in enumerate([(0.1, False), (0.95, False), (0.1, True), (0.1, False), (0.1, False)], 1):
+        exp = runs / f"exp{n}"
+        exp.mkdir(parents=True)
+        (exp / "results.csv").write_text(f"epoch,metrics/mAP50(B)\n1,{map50}\n")
+        if keep:
+            (exp / ".keep").touch()
+        time.sleep(0.02)  # distinct ctimes for the real filesystem
+    (runs / "exp5_best").mkdir()

@@ -30,7 +30,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import killer_cmd, make_dataset
+from conftest import killer_cmd, make_dataset, make_old_experiments
 from test_train_dual import assert_same_optimizer_state, csv_epochs, load_ckpt, snapshot
 
 from yolofuse import checkpoint, replay
@@ -186,17 +186,10 @@ def _no_leftover_processes():
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
-    """A run folder holding archived experiments (the same kinds as in test_train_dual's cleanup test)."""
+    """A run folder holding archived experiments (conftest.make_old_experiments)."""
     base = tmp_path_factory.mktemp("ddp")
     runs = base / "runs"
-    for n, (map50, keep) in enumerate([(0.1, False), (0.95, False), (0.1, True), (0.1, False), (0.1, False)], 1):
-        exp = runs / f"exp{n}"  # created in order: exp5 is the newest by ctime
-        exp.mkdir(parents=True)
-        (exp / "results.csv").write_text(f"epoch,metrics/mAP50(B)\n1,{map50}\n")
-        if keep:
-            (exp / ".keep").touch()
-        time.sleep(0.02)  # distinct ctimes
-    (runs / "exp5_best").mkdir()  # a renamed experiment: never a candidate
+    make_old_experiments(runs)
     (runs / "exp5_best" / "notes.txt").write_text("mine")
     return SimpleNamespace(base=base, runs=runs, data=make_dataset(base / "data"), archives=snapshot(runs))
 

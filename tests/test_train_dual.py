@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import killer_cmd, make_dataset, run_train_dual, train_dual_cmd
+from conftest import killer_cmd, make_dataset, make_old_experiments, run_train_dual, train_dual_cmd
 
 import yolofuse  # noqa: F401  (keeps Ultralytics offline)
 from yolofuse import checkpoint, replay
@@ -532,15 +532,7 @@ def test_corrupt_last_without_previous_is_archived_untouched(tmp_path, tiny_data
 def test_cleanup_prunes_during_training_and_keeps_what_it_must(tmp_path, tiny_data):
     """Cleanup runs before training and from the callback after each epoch (not on final_eval's extra call)."""
     runs = tmp_path / "runs"
-    header = "epoch,metrics/mAP50(B)\n"
-    for n, (map50, keep) in enumerate([(0.1, False), (0.95, False), (0.1, True), (0.1, False), (0.1, False)], 1):
-        exp = runs / f"exp{n}"  # created in order: exp5 is the newest by ctime
-        exp.mkdir(parents=True)
-        (exp / "results.csv").write_text(f"{header}1,{map50}\n")
-        if keep:
-            (exp / ".keep").touch()
-        time.sleep(0.02)  # distinct ctimes for the real filesystem
-    (runs / "exp5_best").mkdir()  # a renamed experiment: never a candidate
+    make_old_experiments(runs)
     res = run_train_dual(*settings_of(runs, tiny_data, 2), "CLEANUP_EVERY=1", "KEEP_LATEST=1", "MAP_WHITELIST=0.9")
     assert_ok(res)
     assert sorted(p.name for p in runs.iterdir() if p.name.startswith("exp")) == ["exp2", "exp3", "exp5", "exp5_best"]
