@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -68,3 +69,23 @@ def make_old_experiments(runs: Path) -> None:
             (exp / ".keep").touch()
         time.sleep(0.02)  # distinct ctimes for the real filesystem
     (runs / "exp5_best").mkdir()
+
+
+def refuse_network(mp: pytest.MonkeyPatch) -> list:
+    """Every connection or name lookup in this process fails, as on a machine without network; the returned list
+    records each attempt."""
+    attempts = []
+
+    def refuse(*args):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    mp.setattr(socket.socket, "connect", lambda self, *a: refuse(*a))
+    mp.setattr(socket.socket, "connect_ex", lambda self, *a: refuse(*a))
+    mp.setattr(socket, "getaddrinfo", lambda *a, **k: refuse(*a))
+    return attempts
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    return refuse_network(monkeypatch)

@@ -6,7 +6,6 @@ CPU only, no network: the training run is 2 epochs on 8 demo pairs at imgsz 64 (
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_dataset
+from conftest import ROOT, make_dataset, refuse_network
 from ultralytics.nn import tasks
 from ultralytics.utils.torch_utils import get_flops
 
@@ -41,21 +40,6 @@ def tensors(out):
     if isinstance(out, dict):
         out = list(out.values())
     return [t for o in out for t in tensors(o)] if isinstance(out, (list, tuple)) else []
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every attempt to open a connection or resolve a name is recorded and fails, as it would offline."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args[1:] or args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: refuse(self, *a))
-    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, *a: refuse(self, *a))
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: refuse(None, *a))
-    return attempts
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -237,15 +221,8 @@ def trained(tmp_path_factory):
     """One 2-epoch run on a tiny copy of the demo data, with every network attempt recorded (and refused)."""
     tmp = tmp_path_factory.mktemp("train")
     data = make_dataset(tmp / "data", n_train=8, n_val=4)
-    attempts = []
-
-    def refuse(*args):
-        attempts.append(args)
-        raise OSError("network disabled in tests")
-
     mp = pytest.MonkeyPatch()
-    mp.setattr(socket.socket, "connect", lambda self, *a: refuse(*a))
-    mp.setattr(socket, "getaddrinfo", lambda *a, **k: refuse(*a))
+    attempts = refuse_network(mp)
     try:
         yolofuse.YOLO(str(MID)).train(
             trainer=PlotKeepingTrainer,

@@ -9,7 +9,6 @@ is written out below for the project's two yamls: the expected result, which the
 import math
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -248,19 +247,6 @@ def test_mismatched_checkpoint_is_refused_in_one_line(cfg, channels, says, check
 
 
 @pytest.fixture
-def dns_attempts(monkeypatch):
-    """Name lookups (what Ultralytics' is_online() does) are recorded and fail, as on a machine without network."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
-
-
-@pytest.fixture
 def downloads(monkeypatch, checkpoints):
     """Ultralytics' asset download, replaced: it records the file asked for and writes a stock checkpoint there."""
     asked = []
@@ -274,7 +260,7 @@ def downloads(monkeypatch, checkpoints):
     return asked
 
 
-def test_missing_stock_weights_are_never_downloaded_offline(tmp_path, downloads, dns_attempts, monkeypatch):
+def test_missing_stock_weights_are_never_downloaded_offline(tmp_path, downloads, no_network, monkeypatch):
     missing = tmp_path / "yolov8n.pt"
     assert os.environ["YOLO_OFFLINE"] == "1"  # yolofuse's default
     with pytest.raises(CheckpointError) as refused:
@@ -283,12 +269,12 @@ def test_missing_stock_weights_are_never_downloaded_offline(tmp_path, downloads,
         f"{missing}: WEIGHTS not found; download it from https://github.com/ultralytics/assets/releases and put it "
         "there (or run with YOLO_OFFLINE=0 to let Ultralytics download it)"
     )
-    assert not downloads and not dns_attempts, "YOLO_OFFLINE=1 must not even look the network up"
+    assert not downloads and not no_network, "YOLO_OFFLINE=1 must not even look the network up"
 
     monkeypatch.setenv("YOLO_OFFLINE", "0")  # allowed, but the machine has no network: same line, no download
     with pytest.raises(CheckpointError, match="WEIGHTS not found; download it from"):
         pretrained.locate(missing)
-    assert dns_attempts and not downloads and not missing.exists()
+    assert no_network and not downloads and not missing.exists()
 
 
 def test_missing_stock_weights_are_downloaded_there_when_online(tmp_path, downloads, monkeypatch):
