@@ -1,6 +1,6 @@
 """Val parity of exported models: the same trained model as .pt, TorchScript, ONNX (and OpenVINO where installed).
 
-    python bench/bench_export.py [BEST_PT] [DATA] [IMGSZ]     (defaults: runs/fuse/weights/best.pt, data_config.yaml, 256)
+    python bench/bench_export.py [BEST_PT] [DATA] [IMGSZ]   (default: runs/fuse/weights/best.pt data_config.yaml 256)
 
 Run it after the README's demo command. Exports go to a temporary folder; each format is validated on DATA at IMGSZ
 on the CPU. `.pt` is validated twice: with its default rectangular batches, and square (`rect=False`), as the
