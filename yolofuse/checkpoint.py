@@ -9,6 +9,7 @@ without it.
 
 import io
 import os
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass
@@ -76,16 +77,33 @@ def load(path: Path) -> dict:
 
 
 def add_member(path: Path, name: str, obj) -> None:
-    """Append `obj`, saved with torch.save, to the zip of the torch checkpoint at `path`, as member `name`.
+    """Append `obj` to the zip of the torch checkpoint at `path`, as the members under `<name>/`: each tensor's bytes
+    as they lie in memory, one member per tensor, and the rest pickled as `<name>/data.pkl`.
 
-    The checkpoint's own bytes stay as they are, nothing is read back, and torch.load ignores the extra member.
+    torch.save into one member would nest a second zip inside the first and copy and checksum every byte twice more
+    (on the demo model, 90 ms against 28 ms for the 54 MB). The checkpoint's own bytes stay as they are, nothing is
+    read back, and torch.load ignores the extra members.
     """
     import torch
 
+    tensors = []
+
+    def tensor_apart(o):
+        if not isinstance(o, torch.Tensor):
+            return None
+        tensors.append(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+        return len(tensors) - 1, o.dtype, tuple(o.shape)
+
+    pickled = io.BytesIO()
+    pickler = pickle.Pickler(pickled, pickle.HIGHEST_PROTOCOL)
+    pickler.persistent_id = tensor_apart
+    pickler.dump(obj)
     with zipfile.ZipFile(path, "a") as archive:
-        prefix = archive.namelist()[0].split("/")[0]  # torch keeps every record under one folder
-        with archive.open(f"{prefix}/{name}", "w", force_zip64=True) as member:
-            torch.save(obj, member)
+        folder = f"{archive.namelist()[0].split('/')[0]}/{name}"  # torch keeps every record under one folder
+        for i, t in enumerate(tensors):
+            with archive.open(f"{folder}/{i}", "w", force_zip64=True) as member:
+                member.write(t.numpy())
+        archive.writestr(f"{folder}/data.pkl", pickled.getvalue())
 
 
 def read_member(path: Path, name: str):
@@ -94,9 +112,19 @@ def read_member(path: Path, name: str):
 
     try:
         with zipfile.ZipFile(path) as archive:
-            found = [n for n in archive.namelist() if n.split("/", 1)[-1] == name]
-            data = archive.read(found[0]) if found else None
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False) if data else None
+            members = {n.split("/", 1)[-1]: n for n in archive.namelist()}
+            if f"{name}/data.pkl" not in members:
+                return None
+
+            def tensor_back(pid):
+                i, dtype, shape = pid
+                data = bytearray(archive.read(members[f"{name}/{i}"]))  # writable: torch shares it, no copy
+                flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+                return flat.view(dtype).reshape(shape)
+
+            unpickler = pickle.Unpickler(io.BytesIO(archive.read(members[f"{name}/data.pkl"])))
+            unpickler.persistent_load = tensor_back
+            return unpickler.load()
     except Exception as e:
         reason = (str(e).splitlines() or [""])[0][:80]
         raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {reason}) in its member {name}") from None

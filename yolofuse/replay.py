@@ -9,7 +9,7 @@ Three parts:
   local variable, and carries the open window's gradients across a resume.
 - The rest of the state stock `last.pt` leaves out or rounds (`capture` / `restore`): FP32 live weights, FP32 EMA,
   the optimizer entries stock rounds to FP16 (SGD's momentum; it keeps Adam's moments in FP32) and the Python /
-  NumPy / torch / CUDA RNG states. `checkpoint.add_member` stores it as one more member of `last.pt`'s zip, next to
+  NumPy / torch / CUDA RNG states. `checkpoint.add_member` stores it as more members of `last.pt`'s zip, next to
   stock's untouched bytes.
 - Under DDP every rank keeps its own RNG streams; `gather_rank_rngs` hands them to rank 0, which saves them all.
 """
@@ -28,7 +28,7 @@ from ultralytics.utils.torch_utils import convert_optimizer_state_dict_to_fp16, 
 
 from yolofuse import checkpoint
 
-RESUME_MEMBER = "yolofuse_resume_state.pt"  # the extra member of last.pt's zip (torch.load ignores it)
+RESUME_MEMBER = "yolofuse_resume"  # the folder of last.pt's zip with the extra members (torch.load ignores it)
 
 
 class SampleKey(NamedTuple):
@@ -190,8 +190,8 @@ class Accumulation:
 def pack(tensors: dict) -> dict:
     """`{name: tensor}` as one flat tensor per dtype, plus each tensor's name, dtype and shape, in order.
 
-    torch.save spends more on each of the model's ~2,000 small tensors than on their bytes; a few flat ones cost
-    little more than the bytes (and, on a GPU, one copy to the host instead of thousands).
+    Each of the model's ~2,000 small tensors would be a zip member of its own in last.pt, costing more than its bytes;
+    a few flat ones cost little more than the bytes (and, on a GPU, one copy to the host instead of thousands).
     """
     by_dtype = {}
     for t in tensors.values():
