@@ -40,14 +40,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def flush(*paths: Path) -> None:
+    """Wait until the files' bytes are on the disk (fsync). Only the bytes not yet flushed cost time."""
+    for path in paths:
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+
+
 def commit(tmp: Path, path: Path, keep_previous: bool = False) -> None:
     """Make the finished file `tmp` durable and rename it over `path`.
 
     With `keep_previous`, the old `path` is first hard-linked as `<stem>.prev.pt`, so at every instant `path`
     exists whole (old or new) and the previous version survives until the new one is on disk.
     """
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    flush(tmp)
     if keep_previous and path.exists():
         previous = previous_of(path)
         previous.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Trainer, validator, predictor and the YOLO class for paired RGB+IR data, as subclasses of the stock ones."""
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from copy import copy
 from pathlib import Path
@@ -164,15 +165,18 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
             self.last, self.best = last, best
 
     def save_model(self):
-        """Stock `save_model` into staged files; last.pt gains the exact-resume state as one more zip member.
+        """Stock `save_model` into staged files; last.pt gains the exact-resume state as more zip members.
 
         best.pt is committed before last.pt: a kill between the two redoes the epoch, which writes the same best.pt.
         """
         with self.staged_checkpoints():
             saved = super().save_model()
         staged_last, staged_best = checkpoint.staged(self.last), checkpoint.staged(self.best)
-        exact = replay.capture(self, getattr(self, "rank_rngs", None))  # rank_rngs: from `validate`, under DDP
-        checkpoint.add_member(staged_last, replay.RESUME_MEMBER, exact)
+        with ThreadPoolExecutor(1) as disk:  # stock's bytes reach the disk while the exact state is captured
+            flushed = disk.submit(checkpoint.flush, *(p for p in (staged_best, staged_last) if p.exists()))
+            exact = replay.capture(self, getattr(self, "rank_rngs", None))  # rank_rngs: from `validate`, under DDP
+            checkpoint.add_member(staged_last, replay.RESUME_MEMBER, exact)
+            flushed.result()
         if staged_best.exists():  # a new best
             checkpoint.commit(staged_best, self.best)
         checkpoint.commit(staged_last, self.last, keep_previous=True)
