@@ -582,6 +582,11 @@ def make_callback(
 # --- command line -----------------------------------------------------------------------------------------------
 
 
+def resolve(path) -> Path | None:
+    """A path setting of train_dual.py (also there): a relative path is taken from this folder, not from the cwd."""
+    return None if path is None else Path(path) if Path(path).is_absolute() else ROOT / path
+
+
 def train_dual_settings(*names: str, source: Path = ROOT / "train_dual.py") -> dict:
     """train_dual.py's constants, read from its source: importing it would load torch and Ultralytics (seconds)."""
     values = {}
@@ -600,9 +605,6 @@ def _cli_defaults() -> dict:
     s = train_dual_settings(
         "RUNS_DIR", "KEEP_LATEST", "MAP_WHITELIST", "TRASH_HOURS", "MIN_FREE_GB", "ARCHIVE_DIR", "BACKUP_DIR"
     )
-
-    def resolve(path):  # as train_dual.py does: a relative path is relative to its folder, not to the cwd
-        return None if path is None else Path(path) if Path(path).is_absolute() else ROOT / path
 
     return dict(
         runs_dir=resolve(s["RUNS_DIR"]),

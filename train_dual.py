@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
+from cleanup import resolve  # path settings: relative ones are taken from this folder
 from yolofuse import YOLO, checkpoint, ddp, pretrained
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset
@@ -62,10 +63,6 @@ def apply_overrides(args: list[str]) -> None:
             globals()[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             globals()[name] = value
-
-
-def resolve(path) -> Path:
-    return Path(path) if Path(path).is_absolute() else ROOT / path
 
 
 def pick_device():

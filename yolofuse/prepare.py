@@ -30,6 +30,7 @@ from PIL import Image
 from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.utils import TQDM
 
+from yolofuse.checkpoint import commit
 from yolofuse.data import IR_DIR, RGB_DIR, SUPPORTED_CHANNELS
 
 LABEL_DIR = "labels"
@@ -511,16 +512,8 @@ def install(staging: Path, dst: Path, data_yaml: str) -> None:
         if (dst / folder).exists():
             os.replace(dst / folder, old / folder)
         os.replace(staging / folder, dst / folder)
-    with open(staging / "data.yaml", "w") as f:
-        f.write(data_yaml)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging / "data.yaml", dst / "data.yaml")
-    fd = os.open(dst, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    (staging / "data.yaml").write_text(data_yaml)
+    commit(staging / "data.yaml", dst / "data.yaml")  # fsynced, renamed into DST, DST fsynced
 
 
 def data_yaml(dst: Path, names: list[str], channels: int, command: str) -> str:
