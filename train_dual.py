@@ -19,7 +19,7 @@ import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
 from cleanup import resolve  # path settings: relative ones are taken from this folder
-from yolofuse import YOLO, checkpoint, ddp, pretrained
+from yolofuse import YOLO, checkpoint, ddp, pretrained, sensors
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset
 from yolofuse.lock import RunLock, RunLockedError
@@ -40,6 +40,7 @@ SEED = 0  # random seed, for repeatable runs
 PATIENCE = 100  # early stopping: epochs without improvement before stopping
 CLOSE_MOSAIC = 10  # the last this many epochs train without mosaic augmentation
 CACHE = False  # cache decoded image pairs: False, "ram" or "disk"
+MODALITY_DROPOUT = 0.0  # fraction of training samples with one sensor (RGB or IR, at random) blanked; 0.0: off
 KEEP_LATEST = 3  # cleanup keeps this many newest experiments in RUNS_DIR...
 MAP_WHITELIST = 0.8  # ...and every experiment whose best mAP50 is at least this
 CLEANUP_EVERY = 10  # prune old experiments every this many epochs (and at once when the disk is nearly full)
@@ -63,6 +64,14 @@ def apply_overrides(args: list[str]) -> None:
             globals()[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             globals()[name] = value
+
+
+def check_settings() -> None:
+    """Refuse a bad value, in one line naming the setting and the allowed values, before anything changes."""
+    try:
+        sensors.check_dropout(MODALITY_DROPOUT)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def pick_device():
@@ -111,6 +120,7 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
 
 def main() -> int:
     apply_overrides(sys.argv[1:])
+    check_settings()
     os.chdir(ROOT)  # the data config's relative dataset path, like every path here, is taken from this folder
     cleanup.log.addHandler(logging.StreamHandler(sys.stdout))  # each pruning decision, one line
     cleanup.log.setLevel(logging.INFO)
@@ -147,6 +157,7 @@ def main() -> int:
         )
         pruning.start_pass()  # before training too; what outlasts its time budget goes on in the background
         settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
+        settings.update(modality_dropout=MODALITY_DROPOUT)  # a resumed run keeps its own, and says so if it differs
         if found.state == "unfinished":
             model = YOLO(str(last))  # after restore_previous: last.pt is the checkpoint resumed from
             settings.update(resume=str(last))

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import ultralytics
+from ultralytics.cfg import cfg2dict
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
 from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
-from ultralytics.utils import LOGGER, RANK, colorstr, ops
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, colorstr, ops
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolofuse import (
@@ -22,6 +23,7 @@ from yolofuse import (
     nn,  # noqa: F401  (registers the Modality layer, so fusion yamls build)
     offline,
     replay,
+    sensors,
 )
 from yolofuse.data import DatasetError, PairedDataset, check_dataset, load_pair
 from yolofuse.source import PairedSource
@@ -32,8 +34,8 @@ DEFAULT_CHANNELS = 4  # RGB + 1-channel IR, when a model is built without a data
 
 
 def build_paired_dataset(args, img_path, batch, data, mode, stride, rect=False):
-    """The stock `build_yolo_dataset` settings, with the paired dataset class."""
-    return PairedDataset(
+    """The stock `build_yolo_dataset` settings, with the paired dataset class; modality dropout on the train set."""
+    dataset = PairedDataset(
         img_path=img_path,
         imgsz=args.imgsz,
         batch_size=batch,
@@ -50,6 +52,9 @@ def build_paired_dataset(args, img_path, batch, data, mode, stride, rect=False):
         data=data,
         fraction=args.fraction if mode == "train" else 1.0,
     )
+    if mode == "train":
+        dataset.modality_dropout = getattr(args, sensors.DROPOUT_ARG, 0.0)
+    return dataset
 
 
 def side_by_side(batch: dict) -> dict:
@@ -69,7 +74,16 @@ def side_by_side(batch: dict) -> dict:
 
 
 class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
-    """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run."""
+    """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run.
+
+    Takes one argument stock does not: `modality_dropout` (see `sensors`), kept in `args` from then on.
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        overrides = dict(overrides or {})
+        dropout = overrides.pop(sensors.DROPOUT_ARG, None)  # before stock checks the names of the arguments
+        self.requested_dropout = None if dropout is None else sensors.check_dropout(dropout)
+        super().__init__(cfg, overrides, _callbacks)
 
     def train(self):
         if not self.ddp:
@@ -123,6 +137,16 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
         if self.resume and wanted and wanted > self.args.epochs:
             LOGGER.info(f"Extending the run from {self.args.epochs} to {wanted} epochs; LR schedule recomputed")
             self.args.epochs = wanted
+        # Set here, before stock saves args.yaml. A resumed run keeps its own dropout: exact resume replays it.
+        dropout, requested = getattr(self.args, sensors.DROPOUT_ARG, 0.0), self.requested_dropout
+        if not self.resume:
+            dropout = requested or 0.0
+        elif requested is not None and requested != dropout:
+            LOGGER.warning(
+                f"Resume ignores {sensors.DROPOUT_ARG}={requested}: the run keeps its checkpoint's {dropout}. "
+                "Start a new run to change it."
+            )
+        setattr(self.args, sensors.DROPOUT_ARG, dropout)
 
     def resume_training(self, ckpt):
         """Stock resume, then the exact-resume state stored beside stock's in last.pt (see `replay`)."""
@@ -183,19 +207,37 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
         return saved
 
     def final_eval(self):
-        """Stock `final_eval` strips last.pt and best.pt in place and validates best; do it on staged copies."""
-        if RANK not in {-1, 0}:
-            return super().final_eval()  # only rank 0 touches the run folder
+        """Stock `final_eval` strips last.pt and best.pt in place and validates best; do it on staged copies.
+
+        Then best.pt is validated with each sensor blanked in turn: the three rows go into best.pt (`sensor_metrics`)
+        before it is committed, into sensors.csv, and onto the screen.
+        """
+        if RANK not in {-1, 0}:  # only rank 0 touches the run folder; every rank validates
+            super().final_eval()
+            self.validate_sensors(self.best)
+            return
         paths = self.last, self.best
         with self.staged_checkpoints():
             for path in paths:
                 if path.exists():
                     shutil.copyfile(path, checkpoint.staged(path))  # stock's strip re-saves it without our member
             super().final_eval()
+            rows = self.validate_sensors(self.best)
+            if rows:
+                sensors.add_to_checkpoint(self.best, rows)
         for path in paths:
             if checkpoint.staged(path).exists():
                 checkpoint.commit(checkpoint.staged(path), path)
         checkpoint.previous_of(self.last).unlink(missing_ok=True)  # a finished run has nothing to fall back to
+        if rows:
+            sensors.report(rows, self.save_dir, self.best.name)
+
+    def validate_sensors(self, best: Path) -> dict | None:
+        """best.pt's rows per sensor, after stock's final validation of it. None on ranks above 0, and where stock
+        did not validate (no best.pt; CPU multi-process runs)."""
+        if not best.exists() or not isinstance(self.validator, FuseValidator):
+            return None
+        return sensors.validate(self.validator, best, self.metrics)
 
 
 def model_channels(model) -> int | None:
@@ -208,6 +250,18 @@ def model_channels(model) -> int | None:
 
 class FuseValidator(DetectionValidator):
     """DetectionValidator on stacked pairs, for the model in training or for a `.pt` or exported model on its own."""
+
+    blank = None  # "rgb" or "ir": that sensor is blanked in every batch, for any model format (sensors.validate)
+
+    def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
+        if args is not None:  # the trainer's arguments: stock's validator refuses names it does not know
+            args = {k: v for k, v in cfg2dict(args).items() if k != sensors.DROPOUT_ARG}
+        super().__init__(dataloader, save_dir, args, _callbacks)
+
+    def preprocess(self, batch):
+        if self.blank:
+            sensors.blank(batch["img"], self.blank)  # uint8, before stock's /255
+        return super().preprocess(batch)
 
     def __call__(self, trainer=None, model=None):
         self.model_channels = None if trainer else model_channels(model or self.args.model)
@@ -316,6 +370,13 @@ class FuseDetectionModel(DetectionModel):
         super().__init__(cfg, ch=ch or cfg.get("channels", DEFAULT_CHANNELS), nc=nc, verbose=verbose)
 
 
+def validate_per_sensor(validator, model, both: dict) -> dict:
+    """`sensors.validate` and `sensors.report` after a `val` (whose keyword `sensors` hides the module there)."""
+    rows = sensors.validate(validator, model, both)
+    sensors.report(rows, validator.save_dir, Path(str(validator.args.model)).name)
+    return rows
+
+
 class YOLO(ultralytics.YOLO):
     """`ultralytics.YOLO` whose train, resume, val and predict use the paired classes above, on a `.pt` model or an
     export of it (TorchScript, ONNX, OpenVINO, ...)."""
@@ -328,6 +389,22 @@ class YOLO(ultralytics.YOLO):
         boxes on both halves; `side_by_side=False` gives the RGB frame alone, as stock."""
         predictor = predictor or (FusePredictor if side_by_side else RGBOnlyPredictor)
         return super().predict(source, stream, predictor, **kwargs)
+
+    def val(self, validator=None, sensors=False, **kwargs):
+        """Stock `val`. With `sensors=True`, also with each sensor blanked in turn: the three rows are printed, saved
+        as sensors.csv in the val folder, and kept in `self.sensor_metrics`; the return value is stock's, both
+        sensors."""
+        if not sensors:
+            return super().val(validator, **kwargs)
+        made = []
+
+        def make(*args, **kw):  # the validator stock builds: the one-sensor runs reuse its loader and settings
+            made.append((validator or self._smart_load("validator"))(*args, **kw))
+            return made[-1]
+
+        metrics = super().val(make, **kwargs)
+        self.sensor_metrics = validate_per_sensor(made[0], self.model, metrics.results_dict)
+        return metrics
 
     @property
     def task_map(self):
