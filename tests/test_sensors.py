@@ -4,10 +4,18 @@ Blanked means: every pixel of the sensor's channels is 114 (sensors.BLANK). A re
 so a sample whose RGB or IR channels all read 114 was blanked.
 """
 
-import torch
-from conftest import ROOT, make_dataset
+import ast
+import os
+import re
+import signal
+import subprocess
 
-from yolofuse import sensors
+import pytest
+import torch
+import yaml
+from conftest import ROOT, killer_cmd, make_dataset, run_train_dual
+
+from yolofuse import checkpoint, sensors
 from yolofuse.engine import FuseTrainer
 
 MID = ROOT / "yolov8n-fuse.yaml"
@@ -56,3 +64,39 @@ def test_dropout_is_never_applied_in_validation(tmp_path):
     assert all(blanked(img) is None for img in samples(val_loader, 2))
     train_loader = trainer.get_dataloader(trainer.data["train"], batch_size=4, rank=-1, mode="train")
     assert all(blanked(img) is not None for img in samples(train_loader, 1))  # the same trainer does drop in training
+
+
+def test_launcher_ends_with_the_per_sensor_table_and_a_resume_keeps_the_runs_dropout(tmp_path, tiny_data):
+    runs = tmp_path / "runs"
+    settings = (f"DATA={tiny_data}", f"RUNS_DIR={runs}", "EPOCHS=2")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILLER_AFTER_SAVE": "1"}
+    first = subprocess.run(killer_cmd(*settings, "MODALITY_DROPOUT=0.5"), capture_output=True, text=True, env=env)
+    assert first.returncode == -signal.SIGKILL, first.stdout[-2000:] + first.stderr[-2000:]
+    assert checkpoint.load(runs / "weights" / "last.pt")["train_args"][sensors.DROPOUT_ARG] == 0.5
+
+    second = run_train_dual(*settings, "MODALITY_DROPOUT=0.25")
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert f"Resume ignores {sensors.DROPOUT_ARG}=0.25: the run keeps its checkpoint's 0.5" in out
+    assert yaml.safe_load((runs / "args.yaml").read_text())[sensors.DROPOUT_ARG] == 0.5
+
+    rows = checkpoint.load(runs / "weights" / "best.pt")[sensors.CKPT_KEY]
+    assert list(rows) == list(sensors.CASES) and all(row.keys() == {"mAP50", "mAP50-95"} for row in rows.values())
+    assert f"Per sensor, best.pt (a blanked sensor's pixels are 114; saved to {runs / sensors.CSV_NAME})" in out
+    assert sensors.table(rows) in out
+    done = re.search(r"^Done\. best\.pt: \S+  mAP50 (\S+)  mAP50-95 (\S+)$", second.stdout, re.MULTILINE)
+    assert [float(x) for x in done.groups()] == pytest.approx(list(rows["both"].values()), abs=5e-4)
+    csv = (runs / sensors.CSV_NAME).read_text().splitlines()
+    assert [float(x) for x in csv[2].split(",")[2:]] == pytest.approx(list(rows["rgb only"].values()), abs=1e-5)
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "'0.3'", "True"])
+def test_a_bad_dropout_is_refused_in_one_line_before_anything_changes(tmp_path, tiny_data, value):
+    runs = tmp_path / "runs"
+    done = run_train_dual(f"DATA={tiny_data}", f"RUNS_DIR={runs}", "EPOCHS=1", f"MODALITY_DROPOUT={value}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: MODALITY_DROPOUT={ast.literal_eval(value)!r} is not allowed; use a number from 0.0 to 1.0 "
+        "(the fraction of training samples with one sensor blanked; 0.0: off)"
+    ]
+    assert not runs.exists()
