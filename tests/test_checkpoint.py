@@ -1,13 +1,18 @@
-"""FuseTrainer.save_model on a trainer trained in this process: what it commits, and what it never commits."""
+"""FuseTrainer.save_model on a trainer trained in this process: what it commits, and what it never commits. Then
+results.csv as a resume finds it."""
 
 import hashlib
+import logging
 import shutil
 import zipfile
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, make_dataset
 from ultralytics.nn.tasks import load_checkpoint
+from ultralytics.utils import LOGGER
 
 from yolofuse import checkpoint, replay
 from yolofuse.engine import FuseTrainer
@@ -96,3 +101,82 @@ def test_adam_moments_are_not_saved_twice(trainer):
     assert live and all(
         torch.equal(state[i][k], v) for i, s in live.items() for k, v in s.items() if torch.is_tensor(v)
     )
+
+
+# --- results.csv as a resume finds it ---------------------------------------------------------------------------
+
+HEADER = b"epoch,time,metrics/mAP50(B),lr/pg0\n"
+
+
+def row(epoch: int) -> bytes:
+    return f"{epoch},{12.5 * epoch:g},0.{epoch},0.001\n".encode()
+
+
+def append_like_stock(csv: Path, epoch: int) -> None:
+    """What Ultralytics' save_metrics does after each epoch: the header only when the file does not exist yet."""
+    header = b"" if csv.exists() else HEADER
+    with open(csv, "ab") as f:
+        f.write(header + row(epoch))
+
+
+@pytest.fixture
+def said():
+    """The lines Ultralytics' LOGGER prints (it does not propagate to pytest's log capture)."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    LOGGER.addHandler(handler)
+    yield lines
+    LOGGER.removeHandler(handler)
+
+
+def trimmed(tmp_path, content: bytes, epochs_done: int) -> Path:
+    csv = tmp_path / "results.csv"
+    csv.write_bytes(content)
+    checkpoint.trim_results(csv, epochs_done)
+    return csv
+
+
+def test_rows_of_epochs_after_the_checkpoint_are_dropped_quietly(tmp_path, said):
+    csv = trimmed(tmp_path, HEADER + row(1) + row(2) + row(3), epochs_done=2)  # epoch 3 is redone on resume
+    assert csv.read_bytes() == HEADER + row(1) + row(2) and said == []
+    csv = trimmed(tmp_path, HEADER, epochs_done=2)  # killed before epoch 1's row
+    assert csv.read_bytes() == HEADER and said == []
+
+
+def test_a_last_row_cut_by_the_crash_is_dropped_and_the_next_row_starts_its_own_line(tmp_path, said):
+    """The checkpoint is fsynced, results.csv is not: a power cut can leave the saved epoch's row cut short."""
+    csv = trimmed(tmp_path, HEADER + row(1) + row(2) + row(3)[:9], epochs_done=3)
+    append_like_stock(csv, 3)  # the resumed run redoes epoch 3
+    assert csv.read_bytes() == HEADER + row(1) + row(2) + row(3)
+    assert pd.read_csv(csv)["epoch"].tolist() == [1, 2, 3]
+    [line] = said
+    assert str(csv) in line and "1 row" in line and "cut short" in line
+
+
+def test_unreadable_rows_are_dropped_the_rest_kept(tmp_path, said):
+    """Bytes that are not UTF-8 (or NUL bytes) in a row, and a row glued onto a cut one (too many fields, as a resume
+    with an older launcher left it), are dropped; the readable rows stay, and one line says so."""
+    glued = row(3)[:9] + row(4)
+    content = HEADER + row(1) + b"2,25,\xff\xfe\x9c,0.001\n" + glued + b"\0\0\0\0\n" + row(5) + row(6)
+    csv = trimmed(tmp_path, content, epochs_done=5)
+    assert csv.read_bytes() == HEADER + row(1) + row(5)
+    [line] = said
+    assert str(csv) in line and "3 unreadable rows" in line
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\0" * 4096, b"epoch,time,metr", b"\xff\xfeepoch\n" + row(1)],
+    ids=["empty", "nul-bytes", "header-cut", "header-not-utf8"],
+)
+def test_a_results_csv_without_a_whole_header_is_started_again(tmp_path, said, content):
+    """Empty, all NUL bytes (a power cut after the size grew, before the data), a header cut short, or unreadable:
+    the resume goes on, Ultralytics writes a new header, and what was there is kept aside (unless it was empty)."""
+    csv = trimmed(tmp_path, content, epochs_done=2)
+    append_like_stock(csv, 3)
+    assert csv.read_bytes() == HEADER + row(3)
+    aside = tmp_path / "results.csv.corrupt"
+    assert (aside.read_bytes() == content) if content else not aside.exists()
+    [line] = said
+    assert str(csv) in line

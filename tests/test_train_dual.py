@@ -322,6 +322,23 @@ def test_truncated_last_falls_back_to_previous(tmp_path, killed_run):
     assert kept.read_bytes() == torn, "the unreadable last.pt was not kept aside"
 
 
+def test_unreadable_bytes_in_results_csv_are_dropped_and_the_resume_goes_on(tmp_path, killed_run):
+    """A crash can leave bytes that are not UTF-8 in results.csv, and its last row cut short: the resume says so in one
+    line and goes on, and each epoch's row is whole on its own line."""
+    runs, data = copy_of(killed_run, tmp_path / "runs")
+    csv = runs / "results.csv"
+    header, row1, row2 = csv.read_bytes().splitlines(keepends=True)
+    csv.write_bytes(header + row1 + b"\xff\xfe\x00\x9c garbage\n" + row2 + row2[:20])
+
+    res = run_train_dual(*settings_of(runs, data, 3))
+    assert_ok(res)
+    assert "Unfinished run" in res.stdout, tail(res)
+    [line] = [line for line in (res.stdout + res.stderr).splitlines() if str(csv) in line]
+    assert "1 row cut short" in line and "1 unreadable row" in line, line
+    assert csv.read_bytes().startswith(header + row1 + row2) and csv_epochs(runs) == [1, 2, 3]
+    assert pd.read_csv(csv).shape == (3, header.count(b",") + 1)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. A finished run is archived to exp1, a fresh run starts; a crash mid-archive is completed on the next launch
 

@@ -225,17 +225,54 @@ def archive_run(runs_dir: Path) -> Path | None:
 
 
 def trim_results(csv: Path, epochs_done: int) -> None:
-    """Drop results.csv rows of epochs after the checkpoint (written before a kill, redone on resume)."""
+    """Make results.csv hold whole, readable rows of the epochs the checkpoint holds, each ending in a newline, so the
+    resumed run appends its next row on a line of its own. Rows of later epochs (written before a kill, redone on
+    resume) go quietly. The last row without its newline (a crash cut it short) and rows that can't be read (bytes
+    that are not UTF-8, NUL bytes, another number of fields than the header's: a row glued onto a cut one) go too,
+    and one line says so. A file without a whole, readable header is kept aside as `results.csv.corrupt` (an empty
+    one is removed), and Ultralytics writes a new one."""
+    from ultralytics.utils import LOGGER  # training has it loaded; cleanup.py, which imports this module, does not
+
     if not csv.exists():
         return
-    header, *rows = csv.read_text().splitlines(keepends=True)
+    *lines, cut = csv.read_bytes().split(b"\n")  # `cut` is what follows the last newline: b"" when none is cut
+    header = _readable(lines[0]) if lines else None
+    if header is None:
+        if lines or cut:
+            os.replace(csv, csv.with_name(csv.name + ".corrupt"))
+            LOGGER.warning(f"{csv} has no readable header: kept aside as {csv.name}.corrupt; a new one is started")
+        else:
+            csv.unlink()
+            LOGGER.warning(f"{csv} was empty: removed, a new one is started")
+        return
+    kept, unreadable = [], 0
+    for line in lines[1:]:
+        row = _readable(line)
+        epoch = _epoch_of(row) if row is not None and row.count(",") == header.count(",") else None
+        if epoch is None:
+            unreadable += 1
+        elif epoch <= epochs_done:
+            kept.append(row)
+    if len(kept) == len(lines) - 1 and not cut:
+        return
+    write_durably(csv, "".join(f"{line}\n" for line in [header, *kept]).encode())
+    dropped = ["1 row cut short"] if cut else []
+    dropped += [f"{unreadable} unreadable row{'s' * (unreadable > 1)}"] if unreadable else []
+    if dropped:
+        LOGGER.warning(f"{csv}: dropped {' and '.join(dropped)}; resuming")
 
-    def epoch_of(row: str) -> float:
-        try:
-            return float(row.split(",", 1)[0])
-        except ValueError:  # a line cut short by the kill
-            return float("inf")
 
-    kept = [row for row in rows if epoch_of(row) <= epochs_done]
-    if len(kept) != len(rows):
-        write_durably(csv, "".join([header, *kept]).encode())
+def _readable(line: bytes) -> str | None:
+    """A line of results.csv as text, or None when a crash garbled it (not UTF-8, NUL bytes, or empty)."""
+    try:
+        text = line.decode()
+    except UnicodeDecodeError:
+        return None
+    return text if text and "\0" not in text else None
+
+
+def _epoch_of(row: str) -> float | None:
+    try:
+        return float(row.split(",", 1)[0])
+    except ValueError:
+        return None
