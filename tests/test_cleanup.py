@@ -1197,6 +1197,10 @@ def test_train_dual_archives_and_backs_up_with_its_constants(tmp_path, tiny_data
     (old / "weights" / "last.pt").write_bytes(b"old weights")
     best = make_exp(runs, "exp2", maps=(0.95,))
     (best / "weights" / "best.pt").write_bytes(b"the good model")
+    (backup_dir / "exp3" / "weights").mkdir(parents=True)  # the backup of an exp3 gone from RUNS_DIR and its trash
+    (backup_dir / "exp3" / "weights" / "best.pt").write_bytes(b"exp3's model")
+    (runs / "weights").mkdir()
+    (runs / "weights" / "last.pt").write_bytes(b"a broken run, archived before the fresh one starts")
 
     res = run_train_dual(
         f"RUNS_DIR={runs}", f"DATA={tiny_data}", "EPOCHS=1", f"ARCHIVE_DIR={archive_dir}", f"BACKUP_DIR={backup_dir}"
@@ -1208,3 +1212,5 @@ def test_train_dual_archives_and_backs_up_with_its_constants(tmp_path, tiny_data
         assert tar.extractfile("exp1/weights/last.pt").read() == b"old weights"
     assert (backup_dir / "exp2" / "weights" / "best.pt").read_bytes() == b"the good model"
     assert (backup_dir / "exp2" / "results.csv").read_bytes() == (best / "results.csv").read_bytes()
+    assert f"Archived the previous run as {runs / 'exp4'}" in res.stdout  # not exp3: its backup would be overwritten
+    assert (backup_dir / "exp3" / "weights" / "best.pt").read_bytes() == b"exp3's model"
