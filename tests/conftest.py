@@ -58,16 +58,24 @@ def run_train_dual(*settings: str, timeout: int = 600, **kwargs) -> subprocess.C
     return subprocess.run(train_dual_cmd(*settings), capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
 
+def set_made_at(exp: Path, when: float) -> None:
+    """Date the run in `exp` to `when` (seconds since the epoch): the mtimes of its results.csv, args.yaml, weights/
+    and the files in it, which cleanup reads an experiment's age from."""
+    for path in (exp / "results.csv", exp / "args.yaml", *(exp / "weights").glob("*"), exp / "weights"):
+        if path.exists():
+            os.utime(path, (when, when), follow_symlinks=False)
+
+
 def make_old_experiments(runs: Path) -> None:
-    """exp1..exp5 in runs, created in that order (exp5 newest by ctime): exp2 has best mAP50 0.95, exp3 a .keep, the
-    rest mAP50 0.1; and exp5_best, a renamed experiment that is never a cleanup candidate."""
+    """exp1..exp5 in runs, made an hour apart in that order (exp5 the newest): exp2 has best mAP50 0.95, exp3 a .keep,
+    the rest mAP50 0.1; and exp5_best, a renamed experiment that is never a cleanup candidate."""
     for n, (map50, keep) in enumerate([(0.1, False), (0.95, False), (0.1, True), (0.1, False), (0.1, False)], 1):
         exp = runs / f"exp{n}"
         exp.mkdir(parents=True)
         (exp / "results.csv").write_text(f"epoch,metrics/mAP50(B)\n1,{map50}\n")
         if keep:
             (exp / ".keep").touch()
-        time.sleep(0.02)  # distinct ctimes for the real filesystem
+        set_made_at(exp, time.time() - (6 - n) * 3600)
     (runs / "exp5_best").mkdir()
 
 
