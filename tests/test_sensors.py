@@ -100,3 +100,8 @@ def test_a_bad_dropout_is_refused_in_one_line_before_anything_changes(tmp_path, 
         "(the fraction of training samples with one sensor blanked; 0.0: off)"
     ]
     assert not runs.exists()
+
+
+def test_sensors_csv_is_archived_with_its_run(tmp_path):
+    (tmp_path / sensors.CSV_NAME).write_text("sensors,blanked,mAP50,mAP50-95\n")
+    assert checkpoint.run_files(tmp_path) == [tmp_path / sensors.CSV_NAME]

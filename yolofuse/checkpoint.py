@@ -35,6 +35,7 @@ RUN_FILES = (
     "weights",  # last.pt, last.prev.pt, best.pt, epochN.pt (save_period), last.pt.corrupt
     "args.yaml",
     "results.csv",
+    "sensors.csv",  # best.pt validated per sensor (yolofuse.sensors)
     "results.png",
     "labels.jpg",
     "train_batch*.jpg",
