@@ -134,7 +134,8 @@ def test_predict_reads_the_ir_frame(four, tmp_path):
     (tmp_path / "imagesIR").mkdir()
     cv2.imwrite(str(ir_path(dark)), np.zeros_like(cv2.imread(str(ir_path(rgb)), cv2.IMREAD_UNCHANGED)))
     for fmt in ("pt", "onnx"):
-        with_ir, without_ir = predict(four.weights[fmt], [str(rgb), str(dark)])
+        by_path = {r.path: r for r in predict(four.weights[fmt], [str(rgb), str(dark)])}  # stock sorts the list
+        with_ir, without_ir = by_path[str(rgb)], by_path[str(dark)]
         assert (without_ir.ir == 0).all() and (with_ir.ir > 0).any()
         assert len(with_ir.boxes)
         a, b = with_ir.boxes.data, without_ir.boxes.data
