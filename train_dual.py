@@ -29,6 +29,7 @@ from yolofuse.lock import RunLock, RunLockedError
 DATA = "data_config.yaml"  # paired RGB+IR dataset config (its comments show how to point it at LLVIP)
 MODEL = "yolov8n-fuse.yaml"  # architecture for fresh runs; a resumed run keeps its checkpoint's architecture
 WEIGHTS = None  # a fresh run starts from this Ultralytics detection checkpoint (e.g. "yolov8n.pt"); None: random
+FUSION_INIT = "mean"  # with WEIGHTS: the fusion starts as the "mean" of both streams, or as the "rgb" or "ir" one alone
 RUNS_DIR = "runs/fuse"  # the live run trains here; finished runs are archived to RUNS_DIR/expN
 EPOCHS = 100  # total epochs; raise it and re-run to extend an unfinished run
 BATCH = 16  # images per batch
@@ -70,6 +71,7 @@ def check_settings() -> None:
     """Refuse a bad value, in one line naming the setting and the allowed values, before anything changes."""
     try:
         sensors.check_dropout(MODALITY_DROPOUT)
+        pretrained.check_init(FUSION_INIT)
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -148,7 +150,9 @@ def main() -> int:
         else:
             model = YOLO(str(resolve(MODEL)))
             if WEIGHTS:  # refuses, in one line, a checkpoint that does not fit MODEL
-                print(pretrained.start_from(model, resolve(WEIGHTS), data))
+                print(pretrained.start_from(model, resolve(WEIGHTS), data, FUSION_INIT))
+            elif FUSION_INIT != "mean":
+                print(f"  FUSION_INIT={FUSION_INIT} ignored: there are no WEIGHTS to start from")
         if found.state in ("finished", "corrupt"):
             print(f"Archived the previous run as {checkpoint.archive_run(runs_dir, archive_dir, backup_dir)}.")
         elif found.state == "unfinished" and found.checkpoint != last:

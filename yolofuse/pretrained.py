@@ -12,7 +12,9 @@ the tensors by name and shape, so the head is treated exactly as stock treats it
 when the class count differs, rows of same-named classes kept). What stock cannot know is set here: each stream's
 first conv gets the checkpoint's RGB filters on its own modality's channels only (IR: the sum over the RGB filters for
 1 IR channel, so a gray image gives the response of R=G=B; a copy for 3), and each fusion conv starts as the mean of
-the two streams.
+the two streams, or (`init` "rgb" or "ir": FUSION_INIT) as one stream alone, the other's weights at zero, so that the
+fused model computes exactly what the checkpoint computes on that sensor (early fusion: the other sensor's filters of
+the first conv at zero).
 """
 
 from collections import Counter
@@ -32,22 +34,40 @@ from yolofuse.nn import RGB_CHANNELS
 
 STREAM = {"rgb": "RGB stream", "ir": "IR stream", None: "backbone"}  # part names, by the stream's Modality argument
 NECK = "neck/head"
+MODALITY = {name: modality for modality, name in STREAM.items()}
+INITS = {  # FUSION_INIT -> how each fusion conv starts
+    "mean": "the mean of the two streams",
+    "rgb": "the RGB stream alone (IR weights at zero)",
+    "ir": "the IR stream alone (RGB weights at zero)",
+}
 
 
-def start_from(model, weights: Path, data: Path) -> str:
+def check_init(init) -> str:
+    """FUSION_INIT, one of INITS; ValueError in one line naming the setting and the allowed values."""
+    if not isinstance(init, str) or init not in INITS:
+        raise ValueError(
+            f"FUSION_INIT={init!r} is not allowed; use one of {', '.join(map(repr, INITS))} (how a fresh run from "
+            "WEIGHTS starts its fusion: the mean of the two streams, or one stream alone)"
+        )
+    return init
+
+
+def start_from(model, weights: Path, data: Path, init: str = "mean") -> str:
     """Give `model` (a yolofuse.YOLO built from a fused yaml) the weights of `weights`; its `train()` starts from them.
+    The fusion starts as `init` says (INITS).
 
     The fused model is built for `data`'s classes and channels, as the trainer would build it, and the transfer is
     checked before anything trains: a checkpoint of another task, family or scale raises CheckpointError naming the
     file and the mismatch. Returns the one-line summary of what was transferred.
     """
+    check_init(init)
     weights = locate(weights)
     source = checkpoint.load(weights)
     source = (source.get("ema") or source["model"]).float()
     config = check_det_dataset(str(data))
     fused = type(model.model)(model.cfg, ch=config["channels"], nc=config["nc"], verbose=False)
     fused.names = config["names"]  # stock load keeps the rows of same-named classes, as the trainer's load does
-    summary = transfer(source, fused, weights)
+    summary = transfer(source, fused, weights, init)
     # Model.train() seeds its trainer from model.model only while model.ckpt is set, as after Model.load (the trainer
     # otherwise rebuilds the model from the yaml, with random weights); the trainer's copy takes every tensor by name.
     model.model, model.ckpt = fused, {"model": fused}
@@ -138,8 +158,9 @@ def layer_map(ours: dict, theirs: dict, weights: Path) -> LayerMap:
     return LayerMap(source, part, streams, fusions)
 
 
-def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
-    """Copy `source` (a single-stream DetectionModel) into `fused` in place; returns the one-line summary."""
+def transfer(source: nn.Module, fused: nn.Module, weights: Path, init: str = "mean") -> str:
+    """Copy `source` (a single-stream DetectionModel) into `fused` in place, the fusion as `init` says (INITS);
+    returns the one-line summary."""
     plan = check_fits(source, fused, weights)
     src_layers, src_names = list(source.model), source.names
     rgb_filters = _first_conv(src_layers[0]).weight.detach().clone()
@@ -156,18 +177,23 @@ def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
         for start, modality in plan.streams.items():
             conv = _first_conv(fused.model[start])
             conv.weight.zero_()  # a stream's filters for the other modality's channels only ever see zeros
-            if modality in ("rgb", None):
+            if modality == "rgb" or (modality is None and init != "ir"):  # early fusion from one sensor: not the other
                 conv.weight[:, :RGB_CHANNELS] = rgb_filters
-            if modality in ("ir", None):  # 1 channel: gray IR answers like R=G=B; 3 channels: as RGB
+            if modality == "ir" or (modality is None and init != "rgb"):  # 1 channel: gray answers like R=G=B
                 conv.weight[:, RGB_CHANNELS:] = rgb_filters.sum(1, keepdim=True) if ir == 1 else rgb_filters
         for j in plan.fusions:
             conv, bn = fused.model[j].conv, fused.model[j].bn
-            half = torch.eye(conv.out_channels)[:, :, None, None] / 2
-            conv.weight.copy_(torch.cat([half, half], 1))  # (a + b) / 2, channel by channel
+            concat = fused.model[j - 1]
+            eye = torch.eye(conv.out_channels)[:, :, None, None]
+            parts = [MODALITY[plan.part[x if x >= 0 else concat.i + x]] for x in concat.f]  # the streams, in order
+            blocks = [eye / 2 if init == "mean" else eye * (modality == init) for modality in parts]
+            conv.weight.copy_(torch.cat(blocks, 1))  # (a + b) / 2, or one of them, channel by channel
             bn.weight.fill_(1), bn.bias.zero_(), bn.running_mean.zero_(), bn.num_batches_tracked.zero_()
             bn.running_var.fill_(1 - bn.eps)  # sqrt(var + eps) == 1: the BatchNorm is the identity in eval mode
     first_conv = f"first conv: IR = {'sum' if ir == 1 else 'copy'} of the RGB filters"
-    return _summary(fused, plan, theirs, src_names, weights, first_conv)
+    if not plan.fusions and init != "mean":  # early fusion
+        first_conv = "first conv: the RGB filters, IR at zero" if init == "rgb" else f"{first_conv}, RGB at zero"
+    return _summary(fused, plan, theirs, src_names, weights, first_conv, init)
 
 
 def check_fits(source: nn.Module, fused: nn.Module, weights: Path) -> LayerMap:
@@ -194,7 +220,9 @@ def check_fits(source: nn.Module, fused: nn.Module, weights: Path) -> LayerMap:
     return plan
 
 
-def _summary(fused: nn.Module, plan: LayerMap, theirs: dict, src_names: dict, weights: Path, first_conv: str) -> str:
+def _summary(
+    fused: nn.Module, plan: LayerMap, theirs: dict, src_names: dict, weights: Path, first_conv: str, init: str
+) -> str:
     """One line: tensors transferred per part, and those that were not, with the reason.
 
     `theirs` holds the shapes the checkpoint offered under the fused names. Only class outputs may differ in shape
@@ -221,7 +249,7 @@ def _summary(fused: nn.Module, plan: LayerMap, theirs: dict, src_names: dict, we
     parts[STREAM[list(plan.streams.values())[-1]]] += f" ({first_conv})"
     line = f"Transferred from {weights.name}: " + ", ".join(parts.values())
     if plan.fusions:
-        line += f"; fusion: {len(plan.fusions)} 1x1 convs start as the mean of the two streams"
+        line += f"; fusion: {len(plan.fusions)} 1x1 convs start as {INITS[init]}"
     if unmatched:
         line += f"; layers {', '.join(map(str, sorted(unmatched)))} have no counterpart there and start at random"
     if class_outputs:
