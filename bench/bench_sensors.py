@@ -34,8 +34,8 @@ def fused(run: Path, dropout: float) -> yolofuse.YOLO:
     return yolofuse.YOLO(str(run / "weights" / "best.pt"))
 
 
-def per_sensor(best: yolofuse.YOLO) -> dict:
-    best.val(data=str(ablation.PAIRED), sensors=True, **VAL)
+def per_sensor(best: yolofuse.YOLO, work: Path) -> dict:
+    best.val(data=str(ablation.PAIRED), sensors=True, project=str(work / "val"), **VAL)
     return best.sensor_metrics
 
 
@@ -48,11 +48,11 @@ def main():
             model = ablation.ultralytics.YOLO("yolov8n.yaml")
             single[name] = ablation.train_and_validate(model, data, work / ablation.run_name(name))["all"]
         without = fused(work / "fused", 0.0)
-        rows = {"mid fusion": per_sensor(without)}
+        rows = {"mid fusion": per_sensor(without, work)}
         sensors.BLANK = 0  # the other candidate for "blanked": black frames
-        rows["mid fusion, black (0) blank"] = per_sensor(without)
+        rows["mid fusion, black (0) blank"] = per_sensor(without, work)
         sensors.BLANK = 114
-        rows[f"mid fusion, MODALITY_DROPOUT={DROPOUT}"] = per_sensor(fused(work / "dropout", DROPOUT))
+        rows[f"mid fusion, MODALITY_DROPOUT={DROPOUT}"] = per_sensor(fused(work / "dropout", DROPOUT), work)
 
     print(
         f"\nPer sensor on {ablation.DEMO.name}: {ablation.EPOCHS} epochs, imgsz {ablation.IMGSZ}, batch 8, seed 0, CPU."
