@@ -50,16 +50,13 @@ def blank(img, sensor: str):
     return img
 
 
-def drop_modality(img, fraction: float) -> str | None:
+def drop_modality(img, fraction: float) -> None:
     """Modality dropout on one training sample: with probability `fraction`, blank one sensor, each as likely.
 
-    Draws from Python's `random`, which `replay.sample` seeds per sample. Returns the sensor blanked, or None.
+    Draws from Python's `random`, which `replay.sample` seeds per sample.
     """
-    if not fraction or random.random() >= fraction:
-        return None
-    sensor = random.choice(SENSORS)
-    blank(img, sensor)
-    return sensor
+    if fraction and random.random() < fraction:
+        blank(img, random.choice(SENSORS))
 
 
 def validate(validator, model, both: dict) -> dict | None:
