@@ -15,6 +15,7 @@ from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer,
 from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER, RANK, ops
+from ultralytics.utils.torch_utils import EarlyStopping
 
 from yolofuse import (
     checkpoint,
@@ -114,8 +115,10 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
         super().plot_training_samples(side_by_side(batch), ni)
 
     def check_resume(self, overrides):
-        """Stock resume keeps the checkpoint's `epochs`; a larger requested `epochs` extends the run instead."""
-        super().check_resume(overrides)
+        """Stock resume keeps the checkpoint's `epochs`; a larger requested `epochs` extends the run instead.
+
+        (Stock is not given `epochs`: it would warn that it ignores them, while the run is extended.)"""
+        super().check_resume({k: v for k, v in overrides.items() if k != "epochs"})
         wanted = overrides.get("epochs")
         if self.resume and wanted and wanted > self.args.epochs:
             LOGGER.info(f"Extending the run from {self.args.epochs} to {wanted} epochs; LR schedule recomputed")
@@ -130,9 +133,12 @@ class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
         super().resume_training(ckpt)
         if ckpt is None or not self.resume:
             return
+        self.stopper.patience = EarlyStopping(self.args.patience).patience  # stock restores the checkpoint's
         state = replay.load_state(Path(self.args.resume), ckpt)
         if state is not None:
             replay.restore(self, state, self.start_epoch)
+            if self.args.batch != ckpt.get("train_args", {}).get("batch"):  # the saved window counts other batches
+                self.accumulation.start_window(self.start_epoch, len(self.train_loader))
         else:
             LOGGER.warning(f"{self.args.resume} has no exact-resume state; resuming from its FP16 EMA as stock does")
         if RANK in {-1, 0}:  # under DDP every rank resumes; one writes
