@@ -285,7 +285,7 @@ def test_val_parity_across_formats(models, request, tmp_path):
             data=str(models.data),
             imgsz=IMGSZ,
             batch=1,
-            rect=False,  # as the fixed-size exports must: stock .pt val pads to rectangles (see README, Use the model)
+            rect=False,  # as the fixed-size exports must: stock .pt val pads to rectangles (see docs/use.md, Val)
             save_txt=True,
             save_conf=True,
             plots=False,
@@ -321,7 +321,7 @@ def test_openvino_where_installed(four):
         assert_rows_found(a[a[:, 5] > 0.05], b, tol=1, what=f"openvino vs pt, image {k}", rtol=0.1)
         assert_rows_found(b[b[:, 5] > 0.05], a, tol=1, what=f"pt vs openvino, image {k}", rtol=0.1)
     # bf16 moves a weak model's borderline boxes across IoU thresholds: its val mAP is checked loosely here (on the
-    # demo's well-trained model OpenVINO is within 0.004 of ONNX: README, Use the model).
+    # demo's well-trained model OpenVINO is within 0.004 of ONNX: docs/use.md).
     kwargs = dict(data=str(four.data), imgsz=IMGSZ, rect=False, plots=False, verbose=False)
     expected, got = YOLO(str(four.weights["pt"])).val(**kwargs).box, YOLO(ov).val(**kwargs).box
     assert got.map50 > 0 and math.isclose(got.map50, expected.map50, abs_tol=0.1), (got.map50, expected.map50)
