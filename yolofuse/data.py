@@ -80,17 +80,23 @@ def ir_path(rgb_path) -> Path:
     """The IR partner of an RGB image: the last `images` folder becomes `imagesIR`; same stem, any image suffix.
     Two IR files with that stem are refused (DatasetError naming both)."""
     rgb_path = Path(rgb_path)
-    ir_dir = _ir_dir(rgb_path)
+    return partner_in(_ir_dir(rgb_path), rgb_path)
+
+
+def partner_in(folder: Path, rgb_path) -> Path:
+    """The file in `folder` with the RGB file's stem and its own suffix or any image suffix; two such files are
+    refused (DatasetError naming both)."""
+    rgb_path = Path(rgb_path)
     found, seen = [], set()
     for name in _ir_names(rgb_path.name):
         try:
-            st = os.stat(os.path.join(ir_dir, name))
+            st = os.stat(os.path.join(folder, name))
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:  # a case-blind disk finds x.jpg as x.JPG
             seen.add((st.st_dev, st.st_ino))
             found.append(name)
-    return _partner(rgb_path.name, ir_dir, found)
+    return _partner(rgb_path.name, Path(folder), found)
 
 
 def ir_paths(rgb_files) -> list[Path]:
@@ -122,7 +128,7 @@ def _ir_error(ir_file: Path, problem: str, rgb_name: str = "") -> DatasetError:
 
 def check_ir_header(rgb_file, ir_file: Path | None = None) -> None:
     """The cheap check of one pair before training: its IR partner exists, and its header is readable and 8-bit.
-    `ir_file` is the partner when the caller has already looked it up."""
+    `ir_file` is the partner when the caller has already found it."""
     ir_file = ir_file or ir_path(rgb_file)
     if not ir_file.is_file():
         raise _ir_error(ir_file, "missing", Path(rgb_file).name)

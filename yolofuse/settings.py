@@ -206,15 +206,15 @@ def writable(folder: Path) -> bool:
 
 
 def check_run_folder(value: str) -> None:
-    """RUNS_DIR (the setting) can hold the run: it is not the launcher's folder nor above it (a finished run there
-    would be archived with the launcher and the repository), it is a folder or can be created, and it and its
-    weights/ are writable."""
+    """RUNS_DIR (the setting) can hold the run: it is not the launcher's folder nor above it (the run's files, its
+    archived experiments and the trash would mix with the repository), it is a folder or can be created, and it and
+    its weights/ are writable."""
     runs_dir, name = resolve(value), f"RUNS_DIR={value!r}"
     real = runs_dir.resolve()
     if real == ROOT or real in ROOT.parents:
         raise SettingsError(
-            f"{name} is {real}, which holds train_dual.py itself, and a finished run there is archived with everything "
-            "in it; give the runs a folder of their own, e.g. RUNS_DIR=runs/fuse"
+            f"{name} is {real}, which holds train_dual.py itself: the runs would mix with the repository; give them "
+            "a folder of their own, e.g. RUNS_DIR=runs/fuse"
         )
     existing = next(p for p in (runs_dir, *runs_dir.parents) if os.path.lexists(p))
     if not existing.is_dir():
