@@ -65,7 +65,7 @@ def test_dropout_is_never_applied_in_validation(tmp_path):
     assert all(blanked(img) is not None for img in samples(train_loader, 1))  # the same trainer does drop in training
 
 
-def test_launcher_ends_with_the_per_sensor_table_and_a_resume_keeps_the_runs_dropout(tmp_path, tiny_data):
+def test_launcher_ends_with_the_per_sensor_table_and_a_resume_takes_a_new_dropout(tmp_path, tiny_data):
     runs = tmp_path / "runs"
     settings = (f"DATA={tiny_data}", f"RUNS_DIR={runs}", "EPOCHS=2")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILLER_AFTER_SAVE": "1"}
@@ -73,11 +73,11 @@ def test_launcher_ends_with_the_per_sensor_table_and_a_resume_keeps_the_runs_dro
     assert first.returncode == -signal.SIGKILL, first.stdout[-2000:] + first.stderr[-2000:]
     assert checkpoint.load(runs / "weights" / "last.pt")["train_args"][sensors.DROPOUT_ARG] == 0.5
 
-    second = run_train_dual(*settings, "MODALITY_DROPOUT=0.25")
+    second = run_train_dual(*settings, "MODALITY_DROPOUT=0.25")  # given on the command line: takes effect
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
-    assert f"Resume ignores {sensors.DROPOUT_ARG}=0.25: the run keeps its checkpoint's 0.5" in out
-    assert yaml.safe_load((runs / "args.yaml").read_text())[sensors.DROPOUT_ARG] == 0.5
+    assert "MODALITY_DROPOUT: 0.5 -> 0.25 from here on; samples are blanked at the new rate from here on" in out
+    assert yaml.safe_load((runs / "args.yaml").read_text())[sensors.DROPOUT_ARG] == 0.25
 
     rows = checkpoint.load(runs / "weights" / "best.pt")[sensors.CKPT_KEY]
     assert list(rows) == list(sensors.CASES) and all(row.keys() == {"mAP50", "mAP50-95"} for row in rows.values())
@@ -89,26 +89,18 @@ def test_launcher_ends_with_the_per_sensor_table_and_a_resume_keeps_the_runs_dro
     assert [float(x) for x in csv[2].split(",")[2:]] == pytest.approx(list(rows["rgb only"].values()), abs=1e-5)
 
 
-DROPOUT_ALLOWED = "use a number from 0.0 to 1.0 (the fraction of training samples with one sensor blanked; 0.0: off)"
-INIT_ALLOWED = "use one of 'mean', 'rgb', 'ir' (how a fresh run from WEIGHTS starts its fusion"
-
-
 @pytest.mark.parametrize(
     "setting, says",
     [
-        ("MODALITY_DROPOUT=1.5", f"MODALITY_DROPOUT=1.5 is not allowed; {DROPOUT_ALLOWED}"),
-        ("MODALITY_DROPOUT=-0.1", f"MODALITY_DROPOUT=-0.1 is not allowed; {DROPOUT_ALLOWED}"),
-        ("MODALITY_DROPOUT='0.3'", f"MODALITY_DROPOUT='0.3' is not allowed; {DROPOUT_ALLOWED}"),
-        ("FUSION_INIT=thermal", f"FUSION_INIT='thermal' is not allowed; {INIT_ALLOWED}"),
-        ("FUSION_INIT=None", f"FUSION_INIT=None is not allowed; {INIT_ALLOWED}"),
+        ("MODALITY_DROPOUT=1.5", "MODALITY_DROPOUT=1.5: must be a number from 0.0 to 1.0"),
+        ("FUSION_INIT=thermal", "FUSION_INIT='thermal': must be one of 'mean', 'rgb', 'ir'"),
     ],
 )
 def test_a_bad_value_is_refused_in_one_line_before_anything_changes(tmp_path, tiny_data, setting, says):
     runs = tmp_path / "runs"
     done = run_train_dual(f"DATA={tiny_data}", f"RUNS_DIR={runs}", "EPOCHS=1", setting)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    (line,) = done.stderr.strip().splitlines()
-    assert line.startswith(f"error: {says}")
+    assert done.stderr.strip().splitlines() == [f"error: {says}"]
     assert not runs.exists()
 
 

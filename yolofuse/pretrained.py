@@ -28,28 +28,18 @@ from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import is_online
 from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, GITHUB_ASSETS_REPO, attempt_download_asset
 
-from yolofuse import checkpoint
+from yolofuse import checkpoint, settings
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.nn import RGB_CHANNELS
 
 STREAM = {"rgb": "RGB stream", "ir": "IR stream", None: "backbone"}  # part names, by the stream's Modality argument
 NECK = "neck/head"
 MODALITY = {name: modality for modality, name in STREAM.items()}
-INITS = {  # FUSION_INIT -> how each fusion conv starts
+INITS = {  # FUSION_INIT (its allowed values are checked in settings.CHECKS) -> how each fusion conv starts
     "mean": "the mean of the two streams",
     "rgb": "the RGB stream alone (IR weights at zero)",
     "ir": "the IR stream alone (RGB weights at zero)",
 }
-
-
-def check_init(init) -> str:
-    """FUSION_INIT, one of INITS; ValueError in one line naming the setting and the allowed values."""
-    if not isinstance(init, str) or init not in INITS:
-        raise ValueError(
-            f"FUSION_INIT={init!r} is not allowed; use one of {', '.join(map(repr, INITS))} (how a fresh run from "
-            "WEIGHTS starts its fusion: the mean of the two streams, or one stream alone)"
-        )
-    return init
 
 
 def start_from(model, weights: Path, data: Path, init: str = "mean") -> str:
@@ -60,7 +50,7 @@ def start_from(model, weights: Path, data: Path, init: str = "mean") -> str:
     checked before anything trains: a checkpoint of another task, family or scale raises CheckpointError naming the
     file and the mismatch. Returns the one-line summary of what was transferred.
     """
-    check_init(init)
+    settings.check({"FUSION_INIT": init})
     weights = locate(weights)
     source = checkpoint.load(weights)
     source = (source.get("ema") or source["model"]).float()

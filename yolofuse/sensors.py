@@ -30,16 +30,6 @@ CKPT_KEY = "sensor_metrics"  # best.pt's {case: {"mAP50": .., "mAP50-95": ..}}
 METRICS = {"mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}  # ours -> Ultralytics' metric keys
 
 
-def check_dropout(value) -> float:
-    """MODALITY_DROPOUT as a float from 0 to 1; ValueError in one line naming the setting and the allowed values."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(
-            f"MODALITY_DROPOUT={value!r} is not allowed; use a number from 0.0 to 1.0 (the fraction of training "
-            "samples with one sensor blanked; 0.0: off)"
-        )
-    return float(value)
-
-
 def blank(img, sensor: str):
     """Fill `sensor`'s channels of `img` with BLANK, in place, and return it.
 
