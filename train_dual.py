@@ -22,7 +22,7 @@ from cleanup import resolve  # path settings: relative ones are taken from this 
 from yolofuse import YOLO, checkpoint, ddp, pretrained
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset
-from yolofuse.lock import RunLock, RunLockedError
+from yolofuse.lock import RunLockedError
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings: edit here, or override one run with NAME=value on the command line. Relative paths are from this folder.
@@ -69,8 +69,9 @@ def pick_device():
     if DEVICE is not None:  # DEVICE=0,1 on the command line arrives as the tuple (0, 1)
         device = ",".join(map(str, DEVICE)) if isinstance(DEVICE, (tuple, list)) else str(DEVICE)
     elif torch.cuda.is_available():
-        print(f"Training on the GPU: cuda:0 ({torch.cuda.get_device_name(0)}).")
-        return "0"
+        gpu = max(ddp.LOCAL_RANK, 0)  # under torchrun, each rank trains on the GPU of its local rank
+        print(f"Training on the GPU: cuda:{gpu} ({torch.cuda.get_device_name(gpu)}).")
+        return str(gpu)
     else:
         print("No CUDA GPU found: training on the CPU, which is much slower.")
         device = "cpu"
@@ -117,7 +118,9 @@ def main() -> int:
     runs_dir, data = resolve(RUNS_DIR), resolve(DATA)
     last = runs_dir / "weights" / "last.pt"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a pre-empted node stops like Ctrl+C
-    with RunLock(runs_dir):
+    if ddp.FOLLOWER:  # a torchrun rank other than 0: it trains as rank 0 decides below, and writes nothing
+        return ddp.follow(runs_dir, DEVICE)
+    with ddp.lead(runs_dir, DEVICE):  # the run lock; under torchrun the other ranks wait for what is decided here
         if checkpoint.archive_pending(runs_dir):  # a previous launch died while archiving: finish that first
             print(f"Finished archiving the previous run into {checkpoint.archive_run(runs_dir)}.")
         found = checkpoint.probe(last, EPOCHS)
@@ -154,6 +157,7 @@ def main() -> int:
             settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
             settings.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
+        ddp.send(model, settings)  # torchrun: the other ranks train this model with these settings
         model.train(**settings)
         # After multi-GPU training only the workers validated; Ultralytics then loads best.pt here, with its metrics
         metrics = model.trainer.metrics or model.ckpt.get("train_metrics") or {}
@@ -170,7 +174,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print(
             f"\nInterrupted: every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}. "
-            "Run `python train_dual.py` again to resume.",
+            f"Run {ddp.RERUN} again to resume.",
             file=sys.stderr,
         )
         sys.exit(130)
@@ -180,5 +184,12 @@ if __name__ == "__main__":
             f"Every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}: "
             "run `python train_dual.py` again to resume."
         )
-    except (DatasetError, CheckpointError, RunLockedError) as e:
+    except (DatasetError, CheckpointError, RunLockedError, ddp.TorchrunError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # torchrun: a collective broke because another rank is gone (killed, its node lost)
+        if not (cause := ddp.lost_rank(e)):
+            raise
+        sys.exit(
+            f"error: training stopped: another rank is gone ({cause}). Every completed epoch is saved in "
+            f"{resolve(RUNS_DIR) / 'weights' / 'last.pt'}: run {ddp.RERUN} again to resume."
+        )
