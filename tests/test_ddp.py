@@ -80,12 +80,7 @@ class Launch:
         return f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}"
 
     def ranks(self) -> dict[int, list[dict]]:
-        """rank -> the JSON lines its probe wrote (a line still being written is left out)."""
-        logs = {}
-        for path in sorted(self.folder.glob("rank*.jsonl")):
-            lines = path.read_text().splitlines(keepends=True)
-            logs[int(path.stem[4:])] = [json.loads(line) for line in lines if line.endswith("\n")]
-        return logs
+        return probe_records(self.folder)
 
     def workers(self) -> list[psutil.Process]:
         found = []
@@ -107,6 +102,15 @@ class Launch:
 
     def wait(self) -> int:
         return self.proc.wait(timeout=LAUNCH_TIMEOUT)
+
+
+def probe_records(folder: Path) -> dict[int, list[dict]]:
+    """rank -> the JSON lines its probe wrote in `folder` (a line still being written is left out)."""
+    logs = {}
+    for path in sorted(folder.glob("rank*.jsonl")):
+        lines = path.read_text().splitlines(keepends=True)
+        logs[int(path.stem[4:])] = [json.loads(line) for line in lines if line.endswith("\n")]
+    return logs
 
 
 def alive(processes) -> list[psutil.Process]:
