@@ -1,10 +1,9 @@
 """Using the trained model outside training: export, then paired predict and val on each format.
 
-CPU only, offline. One 4-channel model is trained on the 64 demo train pairs at imgsz 64 for 13 epochs, about 200
-optimizer steps: the fewest that give a model whose predictions depend on its input (mAP50 about 0.2). A 2-epoch
-model predicts the same frame-sized boxes whatever the pair, so parity and IR checks on it could not fail. The
-6-channel model is made from it by spreading the IR weights of each stream's first conv over three channels: on gray
-IR saved as 3 channels it must predict what the 4-channel model predicts. Both are exported to TorchScript and ONNX.
+CPU only, offline. The 4-channel model is conftest's `trained` (13 epochs at imgsz 64: predictions that depend on
+the input, so parity and IR checks on it can fail). The 6-channel model is made from it by spreading the IR weights
+of each stream's first conv over three channels: on gray IR saved as 3 channels it must predict what the 4-channel
+model predicts. Both are exported to TorchScript and ONNX.
 """
 
 import copy
@@ -18,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_dataset
+from conftest import make_dataset, write_video
 from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.utils import LOGGER
 
@@ -26,12 +25,10 @@ from yolofuse import YOLO, DatasetError
 from yolofuse.data import ir_path
 from yolofuse.engine import PairResults
 
-MID = ROOT / "yolov8n-fuse.yaml"
 IMGSZ = 64
 CONF = 0.01  # a few boxes per image, each well above the threshold
 FORMATS = ("pt", "torchscript", "onnx")
 FRAMES = 6  # length of the paired test video
-TRAIN = dict(epochs=13, imgsz=IMGSZ, batch=4, nbs=4, workers=0, device="cpu", cache="ram", mosaic=0.0, close_mosaic=0)
 
 
 def export(pt: Path, data: Path, channels: int) -> SimpleNamespace:
@@ -44,12 +41,8 @@ def export(pt: Path, data: Path, channels: int) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("four")
-    data = make_dataset(tmp / "data", n_train=64, n_val=4)
-    # val and save only after the last epoch: their per-epoch cost is most of a short run's time
-    YOLO(str(MID)).train(data=str(data), save_dir=str(tmp / "run"), exist_ok=True, val=False, save=False, **TRAIN)
-    return export(tmp / "run" / "weights" / "best.pt", data, 4)
+def four(trained):
+    return export(trained.pt, trained.data, 4)
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +60,6 @@ def six(four, tmp_path_factory):
     model.yaml["channels"] = 6
     torch.save({**ckpt, "model": model}, tmp / "best6.pt")
     return export(tmp / "best6.pt", data, 6)
-
-
-def write_video(path: Path, frames: list[np.ndarray]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
-    for frame in frames:
-        writer.write(frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
-    writer.release()
-    return path
 
 
 def paired_video(models, root: Path, ir_frames: int = FRAMES) -> Path:
@@ -151,7 +134,8 @@ def test_predict_reads_the_ir_frame(four, tmp_path):
     (tmp_path / "imagesIR").mkdir()
     cv2.imwrite(str(ir_path(dark)), np.zeros_like(cv2.imread(str(ir_path(rgb)), cv2.IMREAD_UNCHANGED)))
     for fmt in ("pt", "onnx"):
-        with_ir, without_ir = predict(four.weights[fmt], [str(rgb), str(dark)])
+        by_path = {r.path: r for r in predict(four.weights[fmt], [str(rgb), str(dark)])}  # stock sorts the list
+        with_ir, without_ir = by_path[str(rgb)], by_path[str(dark)]
         assert (without_ir.ir == 0).all() and (with_ir.ir > 0).any()
         assert len(with_ir.boxes)
         a, b = with_ir.boxes.data, without_ir.boxes.data
