@@ -11,7 +11,8 @@ One run folder goes through four jobs, each a module fixture that needs the one 
   3. sigtermed: the re-run resumes at epoch 3; every process of both nodes gets SIGTERM, as SLURM signals a job.
      While it trains, a second job on the same RUNS_DIR, and one with DEVICE="0,1", are refused;
   4. finished: the same command again resumes at epoch 3 and finishes, bit-identical to job 1.
-Then a job whose nodes don't share RUNS_DIR is refused, with that finished run in rank 0's RUNS_DIR.
+Then a job whose nodes don't share RUNS_DIR is refused, with that finished run in rank 0's RUNS_DIR; and one node
+with two processes (`torchrun --standalone --nproc-per-node 2`) trains job 1's run again, bit for bit.
 """
 
 import os
@@ -31,10 +32,10 @@ from test_ddp import (
     LAUNCH_TIMEOUT,
     MOSAIC,
     POLICY,
+    Probed,
     alive,
     assert_resumed_at_epoch_3,
     final_state,
-    probe_records,
     setup_of,
     wait_gone,
     written,
@@ -60,10 +61,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Job:
-    """One torchrun per node, each in a session of its own; node N's output in `folder`/nodeN, probe records too."""
+class Job(Probed):
+    """One torchrun per node, each in a session of its own; node N's output in `folder`/nodeN, probe records too.
 
-    def __init__(self, story, name: str, pause: str = "", runs: tuple[Path, Path] | None = None, *settings: str):
+    `runs`: each node's RUNS_DIR (the story's by default); `one_node`: a single torchrun with 2 processes instead.
+    """
+
+    def __init__(self, story, name: str, pause="", runs=None, settings=(), one_node=False):
         self.folder = story.base / name
         self.folder.mkdir()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILLER_DDP_PROBE": str(self.folder), "KILLER_DDP_PAUSE": pause}
@@ -71,9 +75,13 @@ class Job:
         env["YOLOFUSE_SHARED_WAIT"] = SHARED_WAIT
         port, runs = free_port(), runs or (story.runs,) * NODES
         self.nodes = []
-        for node in range(NODES):
-            torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={NODES}", "--nproc-per-node=1"]
-            torchrun += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--local-addr=127.0.0.{node + 1}"]
+        for node in range(1 if one_node else NODES):
+            torchrun = [sys.executable, "-m", "torch.distributed.run"]
+            if one_node:
+                torchrun += ["--standalone", f"--nproc-per-node={NODES}"]
+            else:
+                torchrun += [f"--nnodes={NODES}", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+                torchrun += [f"--rdzv-endpoint=127.0.0.1:{port}", f"--local-addr=127.0.0.{node + 1}"]
             args = (f"RUNS_DIR={runs[node]}", f"DATA={story.data}", f"EPOCHS={EPOCHS}", "DEVICE=cpu", MOSAIC, *POLICY)
             cmd = torchrun + killer_cmd(*args, *settings)[1:]
             with open(self.folder / f"node{node}", "w") as out:
@@ -86,14 +94,11 @@ class Job:
         return (self.folder / f"node{node}").read_text(errors="replace")
 
     def tail(self) -> str:
-        return "\n".join(f"--- node {n} ---\n{self.output(n)[-3000:]}" for n in range(NODES))
+        return "\n".join(f"--- node {n} ---\n{self.output(n)[-3000:]}" for n in range(len(self.nodes)))
 
     def said(self, node: int) -> list[str]:
         """The lines in which train_dual.py told the user how it ended (torchrun's own report follows them)."""
         return [line for line in self.output(node).splitlines() if line.startswith(("error:", "Interrupted:"))]
-
-    def ranks(self) -> dict[int, list[dict]]:
-        return probe_records(self.folder)
 
     def processes(self, node: int) -> list[psutil.Process]:
         """torchrun of `node` and everything it started (its rank runs in a session of its own)."""
@@ -103,23 +108,8 @@ class Job:
         except psutil.NoSuchProcess:
             return []
 
-    def workers(self) -> list[psutil.Process]:
-        """The ranks' processes, by the PIDs their probes recorded."""
-        found = []
-        for log in self.ranks().values():
-            try:
-                found.append(psutil.Process(log[0]["pid"]))
-            except psutil.NoSuchProcess:
-                pass
-        return found
-
-    def wait_paused(self) -> None:
-        """Until the probe paused a rank and both ranks have started."""
-        paused, deadline = self.folder / "paused", time.monotonic() + LAUNCH_TIMEOUT
-        while not (paused.exists() and paused.read_text() and len(self.ranks()) == NODES):
-            assert all(n.poll() is None for n in self.nodes), f"a node ended unpaused\n{self.tail()}"
-            assert time.monotonic() < deadline, f"no pause\n{self.tail()}"
-            time.sleep(0.05)
+    def running(self) -> bool:
+        return all(node.poll() is None for node in self.nodes)
 
     def wait(self) -> list[int]:
         return [node.wait(timeout=LAUNCH_TIMEOUT) for node in self.nodes]
@@ -130,10 +120,22 @@ def _no_leftover_processes():
     """A failed test leaves no torchrun or rank behind."""
     yield
     for job in _jobs:
-        for process in alive(job.processes(0) + job.processes(1) + job.workers()):
+        for process in alive([p for node in range(len(job.nodes)) for p in job.processes(node)] + job.workers()):
             process.kill()
         for node in job.nodes:
             node.wait()
+
+
+def ended(job: Job, runs: Path) -> SimpleNamespace:
+    """`job` once it has ended, and what it left in `runs`."""
+    rcs = job.wait()
+    return SimpleNamespace(
+        job=job,
+        rcs=rcs,
+        csv=csv_epochs(runs),
+        state=checkpoint.probe(runs / "weights" / "last.pt", EPOCHS).state,
+        final=final_state(runs) if not any(rcs) else None,
+    )
 
 
 def run_folder(runs: Path) -> dict[str, str]:
@@ -156,15 +158,7 @@ def story(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fresh(story):
     (story.runs / "results.csv").write_text("epoch,time\n1,9.5\n")  # a run killed before its first checkpoint
-    job = Job(story, "1-fresh")
-    rcs = job.wait()
-    return SimpleNamespace(
-        job=job,
-        rcs=rcs,
-        csv=csv_epochs(story.runs),
-        state=checkpoint.probe(story.runs / "weights" / "last.pt", EPOCHS).state,
-        final=final_state(story.runs) if rcs == [0, 0] else None,
-    )
+    return ended(Job(story, "1-fresh"), story.runs)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +192,7 @@ def sigtermed(story, node_killed):
     before = run_folder(story.runs)
     second = Job(story, "3a-second-job")
     second_rcs = second.wait()
-    device_list = Job(story, "3b-device-list", "", None, "DEVICE=0,1")
+    device_list = Job(story, "3b-device-list", settings=["DEVICE=0,1"])
     device_rcs = device_list.wait()
     untouched = run_folder(story.runs) == before
     everyone = job.processes(0) + job.processes(1)
@@ -223,15 +217,15 @@ def sigtermed(story, node_killed):
 
 @pytest.fixture(scope="module")
 def finished(story, sigtermed):
-    job = Job(story, "4-finished")
-    rcs = job.wait()
-    return SimpleNamespace(
-        job=job,
-        rcs=rcs,
-        csv=csv_epochs(story.runs),
-        state=checkpoint.probe(story.runs / "weights" / "last.pt", EPOCHS).state,
-        final=final_state(story.runs) if rcs == [0, 0] else None,
-    )
+    return ended(Job(story, "4-finished"), story.runs)
+
+
+@pytest.fixture(scope="module")
+def one_node(story, fresh):
+    """`torchrun --standalone --nproc-per-node 2`: the same fresh run as job 1, on one node, in a run folder of its
+    own."""
+    runs = story.base / "one-node-runs"
+    return SimpleNamespace(**vars(ended(Job(story, "6-one-node", runs=(runs,), one_node=True), runs)), runs=runs)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +234,7 @@ def not_shared(story, fresh):
     finished run (job 1's, or job 4's when every test runs), which it would archive if it went on."""
     elsewhere = story.base / "node1-runs"
     before = run_folder(story.runs)
-    job = Job(story, "5-not-shared", "", (story.runs, elsewhere))
+    job = Job(story, "5-not-shared", runs=(story.runs, elsewhere))
     rcs = job.wait()
     return SimpleNamespace(job=job, rcs=rcs, elsewhere=elsewhere, untouched=run_folder(story.runs) == before)
 
@@ -350,3 +344,18 @@ def test_runs_dir_not_shared_is_refused_on_every_node_and_nothing_changes(story,
     assert not_shared.untouched, "rank 0 changed its run folder (a finished run it would archive)"
     assert not not_shared.elsewhere.exists()
     assert not is_locked(story.runs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One node with two processes works the same way
+
+
+def test_one_node_with_two_processes_trains_as_two_nodes_do(fresh, one_node):
+    job = one_node.job
+    assert one_node.rcs == [0], job.tail()
+    assert setup_of(job) == {r: {"start_epoch": 0, "world_size": 2} for r in (0, 1)}, job.tail()
+    assert written(job, 1, one_node.runs) == [], "rank 1 wrote into the run folder"
+    (two_nodes, two_nodes_csv), (one, one_csv) = fresh.final, one_node.final
+    different = [k for k in two_nodes if not two_nodes[k].equal(one[k])]
+    assert two_nodes.keys() == one.keys() and not different, f"{len(different)} tensors differ: {different[:3]}"
+    assert two_nodes_csv.equals(one_csv)
