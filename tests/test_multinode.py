@@ -7,7 +7,8 @@ session of its own. c10d numbers the nodes by address: node 0 gets --local-addr 
 One run folder goes through four jobs, each a module fixture that needs the one before:
   1. fresh: 3 epochs, uninterrupted, beside archived experiments and a results.csv left by a run killed before its
      first checkpoint;
-  2. node_killed: the next job archives it, starts fresh, and node 1 (torchrun and its rank) is SIGKILLed in epoch 3;
+  2. node_killed: the next job archives it, starts fresh, and node 1 dies in epoch 3: its torchrun is SIGKILLed, and
+     its rank ends itself within a second;
   3. sigtermed: the re-run resumes at epoch 3; every process of both nodes gets SIGTERM, as SLURM signals a job.
      While it trains, a second job on the same RUNS_DIR, and one with DEVICE="0,1", are refused;
   4. finished: the same command again resumes at epoch 3 and finishes, bit-identical to job 1.
@@ -138,6 +139,14 @@ def ended(job: Job, runs: Path) -> SimpleNamespace:
     )
 
 
+def assert_says_rerun(job: Job, node: int) -> None:
+    """The rank on `node` ended with one line saying to re-run: the lost-rank line, or "Interrupted" when torchrun
+    stopped it (torchrun does when it loses its rendezvous, i.e. when the lost node hosted it; or on SIGTERM)."""
+    said = job.said(node)
+    assert len(said) == 1, job.tail()
+    assert said[0].startswith(("Interrupted:", LOST)) and said[0].lower().endswith(RERUN.lower()), said
+
+
 def run_folder(runs: Path) -> dict[str, str]:
     """Every file under `runs` but the lock file, whose content is the PID of the last process that took it."""
     return {rel: digest for rel, digest in snapshot(runs).items() if rel != LOCK_NAME}
@@ -163,12 +172,12 @@ def fresh(story):
 
 @pytest.fixture(scope="module")
 def node_killed(story, fresh):
-    """Rank 1 pauses in epoch 3, after epoch 2 is saved (rank 0 then waits for it in a collective); node 1 dies."""
+    """Rank 1 pauses in epoch 3, after epoch 2 is saved (rank 0 then waits for it in a collective). Then node 1 dies:
+    its torchrun is SIGKILLed, and its rank, which torchrun started in a session of its own, must end itself."""
     job = Job(story, "2-node-killed", "1:2:on_train_batch_end")
     job.wait_paused()
-    everyone, node_1 = job.processes(0) + job.processes(1), job.processes(1)
-    for process in node_1:
-        process.kill()
+    everyone = job.processes(0) + job.processes(1)
+    job.processes(1)[0].kill()
     t0 = time.monotonic()
     rc = job.nodes[0].wait(timeout=LAUNCH_TIMEOUT)
     return SimpleNamespace(
@@ -273,8 +282,7 @@ def test_node_killed_the_other_ends_within_seconds_with_the_rerun_line(story, no
     assert "Finished run" in job.output(0), job.tail()  # the fresh run was archived first
     assert node_killed.rc == 1, job.tail()
     assert node_killed.seconds < 20, f"node 0 took {node_killed.seconds:.0f} s to end"
-    assert len(job.said(0)) == 1, job.tail()
-    assert job.said(0)[0].startswith(LOST) and job.said(0)[0].lower().endswith(RERUN.lower()), job.said(0)
+    assert_says_rerun(job, 0)
     assert node_killed.survivors == [], "processes of the job outlived it"
     assert not node_killed.locked
     assert node_killed.saved["epoch"] == 1 and node_killed.csv == [1, 2]
@@ -289,9 +297,7 @@ def test_sigterm_to_every_process_ends_the_job_with_the_rerun_line(story, sigter
     assert "Unfinished run" in job.output(0), job.tail()
     assert sigtermed.seconds < 20, f"the job took {sigtermed.seconds:.0f} s to end"
     for node in range(NODES):
-        said = job.said(node)
-        assert len(said) == 1, job.tail()
-        assert said[0].startswith(("Interrupted:", LOST)) and said[0].lower().endswith(RERUN.lower()), said
+        assert_says_rerun(job, node)
     assert sigtermed.survivors == [] and not sigtermed.locked, job.tail()
     assert sigtermed.last_epoch == 1
 

@@ -86,10 +86,14 @@ def workers_end_first():
 def watch_launcher() -> None:
     """In a DDP worker: SIGKILL this process within a second of the launching process's end (`workers_end_first`)."""
     pid = os.environ.get(LAUNCHER_VAR)
-    if not pid:
-        return  # started by torch.distributed.run without our launcher
+    if pid:  # else started by torch.distributed.run without our launcher
+        end_with(int(pid))
+
+
+def end_with(pid: int) -> None:
+    """SIGKILL this process within a second of the end of process `pid`."""
     try:
-        launcher = psutil.Process(int(pid))
+        launcher = psutil.Process(pid)
     except psutil.NoSuchProcess:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -188,6 +192,7 @@ def check_torchrun(device) -> None:
 
 def _join(device) -> None:
     """Join torchrun's process group (env://): NCCL on the GPU of this local rank, gloo on CPUs."""
+    end_with(os.getppid())  # torchrun starts its ranks in sessions of their own: they would outlive a SIGKILL of it
     if device == "cpu" or not torch.cuda.is_available():
         backend = "gloo"
     else:
