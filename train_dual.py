@@ -2,6 +2,7 @@
 
     python train_dual.py                      # fresh run, or resume the unfinished one in RUNS_DIR
     python train_dual.py EPOCHS=3 IMGSZ=320   # override any constant below for this run
+    torchrun --nnodes 2 ... train_dual.py     # on every node of a cluster (docs/multi-gpu.md)
 
 What it finds in RUNS_DIR/weights/last.pt decides what happens (see README, "Re-run to resume").
 """
