@@ -13,7 +13,6 @@ Importable (`prune`, `make_callback`; restoring is `yolofuse.archive.restore`) a
 """
 
 import argparse
-import ast
 import calendar
 import logging
 import math
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from yolofuse import checkpoint
+from yolofuse import checkpoint, settings
 from yolofuse.archive import (
     ARCHIVE_SUFFIX,
     ArchiveError,
@@ -43,10 +42,10 @@ from yolofuse.archive import (
 )
 from yolofuse.checkpoint import EXP_NAME, TRASH_NAME, CheckpointError
 from yolofuse.lock import CleanupLock, LockedError, is_locked
+from yolofuse.settings import SettingsError, resolve
 
 log = logging.getLogger("cleanup")
 
-ROOT = Path(__file__).resolve().parent
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # UTC in the trash entry's name: its age survives copies and touches
 MAP_COLUMN = "metrics/mAP50(B)"
 GB = 1e9
@@ -596,30 +595,10 @@ def make_callback(
 # --- command line -----------------------------------------------------------------------------------------------
 
 
-def resolve(path) -> Path | None:
-    """A path setting of train_dual.py (also there): a relative path is taken from this folder, not from the cwd."""
-    return None if path is None else Path(path) if Path(path).is_absolute() else ROOT / path
-
-
-def train_dual_settings(*names: str, source: Path = ROOT / "train_dual.py") -> dict:
-    """train_dual.py's constants, read from its source: importing it would load torch and Ultralytics (seconds)."""
-    values = {}
-    for node in ast.parse(source.read_text()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in names:
-                values[node.targets[0].id] = ast.literal_eval(node.value)
-    missing = [name for name in names if name not in values]
-    if missing:
-        raise SystemExit(f"error: {source} has no constant {missing[0]}; restore it there, or pass the option")
-    return values
-
-
 def _cli_defaults() -> dict:
-    """train_dual.py's constants, so the command line prunes like training does."""
-    s = train_dual_settings(
-        "RUNS_DIR", "KEEP_LATEST", "MAP_WHITELIST", "TRASH_HOURS", "MIN_FREE_GB", "ARCHIVE_DIR", "BACKUP_DIR"
-    )
-
+    """train_dual.py's constants, checked, so the command line prunes like training does."""
+    names = "RUNS_DIR", "KEEP_LATEST", "MAP_WHITELIST", "TRASH_HOURS", "MIN_FREE_GB", "ARCHIVE_DIR", "BACKUP_DIR"
+    s = settings.check(settings.read(*names))
     return dict(
         runs_dir=resolve(s["RUNS_DIR"]),
         keep=s["KEEP_LATEST"],
@@ -631,8 +610,24 @@ def _cli_defaults() -> dict:
     )
 
 
+def _map_fraction(text: str) -> float:
+    """--map: an mAP50 from 0 to 1 (argparse prints the reason in one line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return settings.map_fraction(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+
+
 def main(argv=None) -> int:
-    defaults = _cli_defaults()
+    try:
+        defaults = _cli_defaults()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
         description="Move old exp<N> runs to RUNS_DIR/.trash; purge or archive old trash; back up the kept models."
     )
@@ -643,7 +638,7 @@ def main(argv=None) -> int:
         "--keep", type=int, default=defaults["keep"], help="newest experiments kept (default %(default)s)"
     )
     parser.add_argument(
-        "--map", type=float, default=defaults["map"], help="best mAP50 >= this is kept (default %(default)s)"
+        "--map", type=_map_fraction, default=defaults["map"], help="best mAP50 >= this is kept (default %(default)s)"
     )
     parser.add_argument(
         "--older-than", type=parse_age, metavar="AGE", help="only experiments older than AGE (14d, 36h, 2w) may go"

@@ -19,11 +19,11 @@ import torch
 import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
-from cleanup import resolve  # path settings: relative ones are taken from this folder
-from yolofuse import YOLO, checkpoint, ddp, pretrained
+from yolofuse import YOLO, checkpoint, ddp, pretrained, settings
 from yolofuse.checkpoint import CheckpointError
-from yolofuse.data import DatasetError, check_dataset
+from yolofuse.data import DatasetError, check_dataset, read_config
 from yolofuse.lock import RunLockedError
+from yolofuse.settings import SettingsError, resolve  # relative path settings are taken from this folder
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings: edit here, or override one run with NAME=value on the command line. Relative paths are from this folder.
@@ -50,12 +50,13 @@ ARCHIVE_DIR = None  # a folder (e.g. on a NAS): trash entries are packed there a
 BACKUP_DIR = None  # a folder: best.pt, results.csv, args.yaml of experiments kept for mAP or .keep are copied there
 # ----------------------------------------------------------------------------------------------------------------------
 
-SETTINGS = [name for name in dir() if name.isupper()]
+SETTINGS = list(settings.CHECKS)  # the constants above, each with its check in yolofuse/settings.py
 ROOT = Path(__file__).resolve().parent
 
 
-def apply_overrides(args: list[str]) -> None:
-    """`NAME=value` arguments replace the constants above; values are Python literals or plain strings."""
+def apply_overrides(args: list[str]) -> set[str]:
+    """`NAME=value` arguments replace the constants above; values are Python literals or plain strings.
+    Returns the names given (on resume they may change the run; see settings.resume_changes)."""
     for arg in args:
         name, sep, value = arg.partition("=")
         if not sep or name not in SETTINGS:
@@ -64,11 +65,24 @@ def apply_overrides(args: list[str]) -> None:
             globals()[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             globals()[name] = value
+    return {arg.partition("=")[0] for arg in args}
+
+
+def current_settings() -> dict:
+    return {name: globals()[name] for name in SETTINGS}
+
+
+def check_settings() -> None:
+    """Every setting's type, range and allowed values, that DEVICE exists and that RUNS_DIR can hold the run; the
+    first bad one stops the launch in one line. DEVICE becomes a string (DEVICE=0,1 arrives as the tuple (0, 1))."""
+    globals().update(settings.check(current_settings()))
+    if not ddp.FOLLOWER:  # under torchrun, rank 0 alone touches the run folder
+        settings.check_run_folder(RUNS_DIR)
 
 
 def pick_device():
-    if DEVICE is not None:  # DEVICE=0,1 on the command line arrives as the tuple (0, 1)
-        device = ",".join(map(str, DEVICE)) if isinstance(DEVICE, (tuple, list)) else str(DEVICE)
+    if DEVICE is not None:
+        device = DEVICE
     elif torch.cuda.is_available():
         gpu = max(ddp.LOCAL_RANK, 0)  # under torchrun, each rank trains on the GPU of its local rank
         print(f"Training on the GPU: cuda:{gpu} ({torch.cuda.get_device_name(gpu)}).")
@@ -96,7 +110,7 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
         wanted = {k: trained.yaml.get(k) for k in ("backbone", "head")}
     if any(trained.yaml.get(k) != wanted.get(k) for k in ("backbone", "head")):
         notes.append(f"MODEL {MODEL} differs from the checkpoint's architecture; resuming with the checkpoint's")
-    config = yaml.safe_load(data.read_text()) or {}
+    config = read_config(data)
     names = config.get("names")
     names = list(names.values()) if isinstance(names, dict) else names
     trained_names = list(trained.names.values())
@@ -112,8 +126,10 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
 
 
 def main() -> int:
-    apply_overrides(sys.argv[1:])
+    given = apply_overrides(sys.argv[1:])
     os.chdir(ROOT)  # the data config's relative dataset path, like every path here, is taken from this folder
+    ddp.check_torchrun(DEVICE)  # torchrun gives each rank its device: this comes before "no such GPU here"
+    check_settings()  # before the run folder is locked, created or touched
     cleanup.log.addHandler(logging.StreamHandler(sys.stdout))  # each pruning decision, one line
     cleanup.log.setLevel(logging.INFO)
     runs_dir, data = resolve(RUNS_DIR), resolve(DATA)
@@ -132,11 +148,12 @@ def main() -> int:
         check_dataset(data)
         if found.state == "unfinished":
             notes, conflicts = compare_with_checkpoint(found.ckpt, data)
-            for note in notes:
-                print(f"  {note}")
             if conflicts:
                 fix = f"restore DATA, or start a new experiment by moving {runs_dir / 'weights'} away"
                 raise CheckpointError(f"{found.checkpoint}: {conflicts[0]}; {fix}")
+            changes, lines = settings.resume_changes(current_settings(), given, found.ckpt.get("train_args", {}))
+            for note in notes + lines:
+                print(f"  {note}")
             if WEIGHTS:
                 print(f"  WEIGHTS={WEIGHTS} ignored: a resumed run goes on from its own checkpoint's weights")
         else:
@@ -151,16 +168,16 @@ def main() -> int:
             runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS, archive_dir, backup_dir
         )
         pruning.start_pass()  # before training too; what outlasts its time budget goes on in the background
-        settings = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
+        args = dict(data=str(data), epochs=EPOCHS, device=pick_device(), workers=WORKERS, save_dir=str(runs_dir))
         if found.state == "unfinished":
             model = YOLO(str(last))  # after restore_previous: last.pt is the checkpoint resumed from
-            settings.update(resume=str(last))
+            args.update(resume=str(last), **changes)
         else:
-            settings.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
-            settings.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
+            args.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
+            args.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
-        ddp.send(model, settings)  # torchrun: the other ranks train this model with these settings
-        model.train(**settings)
+        ddp.send(model, args)  # torchrun: the other ranks train this model with these settings
+        model.train(**args)
         # After multi-GPU training only the workers validated; Ultralytics then loads best.pt here, with its metrics
         metrics = model.trainer.metrics or model.ckpt.get("train_metrics") or {}
         print(
@@ -186,7 +203,7 @@ if __name__ == "__main__":
             f"Every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}: "
             "run `python train_dual.py` again to resume."
         )
-    except (DatasetError, CheckpointError, RunLockedError, ddp.TorchrunError) as e:
+    except (SettingsError, DatasetError, CheckpointError, RunLockedError, ddp.TorchrunError) as e:
         sys.exit(f"error: {e}")
     except Exception as e:  # torchrun: a collective broke because another rank is gone (killed, its node lost)
         if not (cause := ddp.lost_rank(e)):

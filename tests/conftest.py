@@ -42,6 +42,34 @@ def make_dataset(root: Path, n_train: int = 8, n_val: int = 4, channels: int = 4
     return data
 
 
+def _move_pairs(root: Path, src: str, dst: str, names: list[str]) -> None:
+    """Move pairs (RGB, IR, label) from split folder `src` to `dst`, as another folder of the same set."""
+    for folder in ("images", "imagesIR", "labels"):
+        (root / folder / dst).mkdir(parents=True, exist_ok=True)
+        for f in (root / folder / src).iterdir():
+            if f.stem in names:
+                f.rename(root / folder / dst / f.name)
+
+
+def folders_config(data: Path) -> Path:
+    """A make_dataset set whose train split is two folders, listed under `train:`."""
+    root = data.parent
+    _move_pairs(root, "train", "extra", [p.stem for p in sorted((root / "images" / "train").iterdir())[::2]])
+    data.write_text(data.read_text().replace("train: images/train", "train: [images/train, images/extra]"))
+    return data
+
+
+def image_list_config(data: Path) -> Path:
+    """A make_dataset set given as image lists: train.txt with ./ paths (from the list's folder), val.txt absolute."""
+    root = data.parent
+    train = sorted((root / "images" / "train").iterdir())
+    (root / "train.txt").write_text("".join(f"./images/train/{p.name}\n" for p in train))
+    (root / "val.txt").write_text("".join(f"{p}\n" for p in sorted((root / "images" / "val").iterdir())))
+    text = data.read_text().replace("train: images/train", "train: train.txt")
+    data.write_text(text.replace("val: images/val", "val: val.txt"))
+    return data
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     return make_dataset(tmp_path / "data")

@@ -6,7 +6,7 @@ Used by test_train_dual.py as a subprocess; with no KILLER_* variable set it beh
 
 KILLER_RECORD=<file>
     After FuseTrainer.resume_training, save the resumed trainer's start epoch, optimizer state, best fitness,
-    early-stopping state and EMA update count there.
+    early-stopping state, EMA update count, batch size and batches per epoch there.
 KILLER_COMMIT=<mode>:<n>
     On the n-th commit of last.pt in this process, SIGKILL this process in the middle of it. <mode>:
       truncated  the staged file is cut to half its bytes (a write torn by the kill), nothing renamed yet;
@@ -20,6 +20,11 @@ KILLER_LOG=<file>
 KILLER_PAUSE_EPOCH=<k>  (with KILLER_READY=<file>, optional KILLER_GO=<file>)
     After the first optimizer step of 0-based epoch k: create KILLER_READY, then wait (for a signal from the test,
     or until KILLER_GO exists, then go on training normally). Gives a test a known mid-epoch instant to act at.
+KILLER_OOM_AT=<n>
+    The n-th training batch of this process (1-based) raises a CUDA out-of-memory error, once, after the batch is
+    prepared: stock then halves the batch, rebuilds the loader and restarts the epoch (in a run's first epoch only).
+KILLER_NAN_EPOCH=<k>
+    After 0-based epoch k's validation, once, the loss reads NaN: stock then reloads last.pt and restarts the epoch.
 KILLER_DDP_PROBE=<folder>  (optional KILLER_DDP_PAUSE)
     Add tests/ddp_probe.py's callbacks to every model; Ultralytics pickles them into the DDP workers, where they
     record each rank's writes, resume state and PID in <folder>, and can pause a rank (see ddp_probe.py).
@@ -56,7 +61,10 @@ def install_record(path: str) -> None:
             "optimizer": self.optimizer.state_dict(),
             "best_fitness": self.best_fitness,
             "stopper": {"best_fitness": self.stopper.best_fitness, "best_epoch": self.stopper.best_epoch},
+            "patience": self.stopper.patience,
             "ema_updates": self.ema.updates,
+            "batch_size": self.batch_size,
+            "batches": len(self.train_loader),
         }
         torch.save(state, path)
 
@@ -142,6 +150,36 @@ def install_pause(epoch: int, ready: str, go: str | None) -> None:
     engine.FuseTrainer.optimizer_step = optimizer_step
 
 
+def install_oom(n: int) -> None:
+    original = engine.FuseTrainer.preprocess_batch
+    calls = 0
+
+    def preprocess_batch(self, batch):
+        nonlocal calls
+        calls += 1
+        batch = original(self, batch)
+        if calls == n:
+            raise RuntimeError("CUDA out of memory. (injected by tests/killer.py)")
+        return batch
+
+    engine.FuseTrainer.preprocess_batch = preprocess_batch
+
+
+def install_nan(epoch: int) -> None:
+    original = engine.FuseTrainer.validate
+    done = False
+
+    def validate(self):
+        nonlocal done
+        result = original(self)
+        if self.epoch == epoch and not done:
+            done = True
+            self.loss = torch.tensor(float("nan"))  # what stock's NaN check reads
+        return result
+
+    engine.FuseTrainer.validate = validate
+
+
 if os.environ.get("KILLER_RECORD"):
     install_record(os.environ["KILLER_RECORD"])
 if os.environ.get("KILLER_COMMIT"):
@@ -152,6 +190,10 @@ if os.environ.get("KILLER_LOG"):
     install_first_step_log(os.environ["KILLER_LOG"])
 if os.environ.get("KILLER_PAUSE_EPOCH"):
     install_pause(int(os.environ["KILLER_PAUSE_EPOCH"]), os.environ["KILLER_READY"], os.environ.get("KILLER_GO"))
+if os.environ.get("KILLER_OOM_AT"):
+    install_oom(int(os.environ["KILLER_OOM_AT"]))
+if os.environ.get("KILLER_NAN_EPOCH"):
+    install_nan(int(os.environ["KILLER_NAN_EPOCH"]))
 
 if os.environ.get("KILLER_DDP_PROBE"):
     import ddp_probe  # noqa: E402  (from tests/, which the DDP workers also have on their sys.path)

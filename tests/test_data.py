@@ -5,14 +5,13 @@ Everything runs on tiny synthetic images written into tmp_path (or a few copied 
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset
+from conftest import folders_config, image_list_config, make_dataset
 from PIL import Image
 from ultralytics.cfg import get_cfg
 from ultralytics.data.augment import RandomHSV
@@ -133,9 +132,10 @@ def test_ir_path_finds_partner_by_stem_with_other_suffix(tmp_path):
     touch_image(tmp_path / "images_2024" / "imagesIR" / "val" / "0008.jpg", np.zeros((4, 4), np.uint8))  # other stem
     assert ir_path(rgb) == ir
     assert ir_path(str(rgb)) == ir  # str accepted too
-    # Same suffix wins when both exist.
-    same = touch_image(ir.with_suffix(".jpg"), np.zeros((4, 4), np.uint8))
-    assert ir_path(rgb) == same
+    # Two IR files with the stem, one of them with the RGB image's own suffix: refused (see below), not picked.
+    touch_image(ir.with_suffix(".jpg"), np.zeros((4, 4), np.uint8))
+    with pytest.raises(DatasetError, match="two IR images for 0007.jpg"):
+        ir_path(rgb)
 
 
 @pytest.mark.parametrize("rgb_name, ir_name", [("a.JPG", "a.PNG"), ("a.jpg", "a.PNG"), ("a.JPG", "a.png")])
@@ -800,10 +800,196 @@ def test_check_dataset_accepts_three_channel_ir_with_either_channels(tmp_path):
     check_dataset(write_yaml(root, 4, names=("person",)))
 
 
-def test_every_check_dataset_error_is_one_line(demo_copy):
-    """The exception's text carries no traceback-like extras: the whole message is the single line users see."""
-    shutil.rmtree(demo_copy.parent / "imagesIR" / "train")
+@pytest.mark.parametrize("config", [folders_config, image_list_config])
+def test_check_dataset_takes_a_list_of_folders_or_an_image_list(demo_copy, config):
+    """Both are Ultralytics data configs; the pairing rule and the checks apply to every image they name."""
+    data = config(demo_copy)
+    check_dataset(data)
+    rgb = sorted((demo_copy.parent / "images" / "train").iterdir())[-1]  # listed either way
+    ir = ir_path(rgb)
+    ir.unlink()
+    with pytest.raises(DatasetError) as e:
+        check_dataset(data)
+    assert_one_line_error(e, str(ir.with_suffix(".*")), "IR image missing")
+
+
+def test_an_image_list_naming_a_missing_file_is_one_line(demo_copy):
+    data = image_list_config(demo_copy)
+    train = demo_copy.parent / "train.txt"
+    train.write_text(train.read_text() + "./images/train/gone.jpg\n")
+    with pytest.raises(DatasetError) as e:
+        check_dataset(data)
+    n = len(train.read_text().splitlines())
+    assert_one_line_error(e, f"{train}:{n}", "gone.jpg does not exist")
+
+
+def test_two_ir_files_with_one_stem_are_refused(demo_copy):
+    """One of them would be paired without a word, maybe another frame's IR under this frame's labels."""
+    rgb = sorted((demo_copy.parent / "images" / "train").iterdir())[1]
+    ir = ir_path(rgb)
+    other = ir.with_suffix(".jpg")
+    cv2.imwrite(str(other), cv2.imread(str(ir)))
+    for find in (lambda: ir_path(rgb), lambda: fdata.ir_paths([rgb]), lambda: check_dataset(demo_copy)):
+        with pytest.raises(DatasetError) as e:
+            find()
+        assert_one_line_error(e, str(other), str(ir), "two IR images", rgb.name)
+
+
+def test_ir_paths_is_ir_path_for_a_whole_set(tmp_path):
+    """The bulk form (one folder read) and the one-file form (stat calls) pair by the same rule."""
+    rgb = [touch_image(tmp_path / "images" / "train" / f"{k}.jpg", np.zeros((8, 8, 3), np.uint8)) for k in range(4)]
+    touch_image(tmp_path / "imagesIR" / "train" / "0.jpg", np.zeros((8, 8), np.uint8))
+    touch_image(tmp_path / "imagesIR" / "train" / "1.png", np.zeros((8, 8), np.uint8))
+    touch_image(tmp_path / "imagesIR" / "train" / "2.PNG", np.zeros((8, 8), np.uint8))
+    (tmp_path / "imagesIR" / "train" / "3.txt").write_text("not an image")
+    assert fdata.ir_paths(rgb) == [ir_path(p) for p in rgb]
+    assert [p.name for p in fdata.ir_paths(rgb)] == ["0.jpg", "1.png", "2.PNG", "3.jpg"]  # 3: missing
+
+
+def test_an_empty_rgb_image_is_dropped_saying_it_is_empty(tmp_path):
+    """Stock drops an unreadable RGB image from the label cache; its reason was its HEIF plugin's ("pi_heif")."""
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=4, n_val=2)))
+    rgb = sorted(Path(data["train"]).iterdir())[1]
+    rgb.write_bytes(b"")
+    ds = build_paired_dataset(cfg(), data["train"], 2, data, "train", 32)
+    assert len(ds) == 3
+    msgs = np.load(tmp_path / "d" / "labels" / "train.cache", allow_pickle=True).item()["msgs"]
+    assert [m.partition(str(rgb))[2] for m in msgs] == [": ignoring corrupt image/label: the file is empty (0 bytes)"]
+
+
+def test_paired_datasets_take_every_argument_from_stock(tmp_path):
+    """The dataset is built by stock's build_yolo_dataset: e.g. its split fraction, and no fraction for a set
+    downloaded `complete` (both missed by the copy of its arguments this replaced)."""
+    data = check_det_dataset(str(make_dataset(tmp_path / "d", n_train=8, n_val=4)))
+    assert len(build_paired_dataset(cfg(fraction=0.5), data["train"], 2, data, "train", 32)) == 4
+    assert len(build_paired_dataset(cfg(fraction=0.5), data["train"], 2, {**data, "complete": True}, "train", 32)) == 8
+    assert len(build_paired_dataset(cfg(fraction=[1.0, 0.5]), data["val"], 2, data, "val", 32)) == 2
+    assert type(build_paired_dataset(cfg(), data["val"], 2, data, "val", 32)) is PairedDataset
+
+
+@pytest.mark.parametrize("ir_kind", ["gray", "equal channels", "colour-mapped"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_video_frames_stack_as_image_files_do(tmp_path, ir_kind, suffix):
+    """One rule turns IR into the stack's layers (`ir_layers`): the pair read from its files, and the same frames as a
+    video decoder hands them over (BGR), stack alike, for 4 and 6 channels. Files are decoded straight to gray for
+    4 channels (faster): the same values for gray and equal-channel IR (LLVIP's), up to 3 levels off for a
+    colour-mapped one (which gets a warning to use 6)."""
+    from yolofuse.source import stack_frames
+
+    rng = np.random.default_rng(0)
+    gray = cv2.GaussianBlur(rng.integers(0, 256, (64, 80), dtype=np.uint8), (9, 9), 3)
+    ir_frame = {"gray": gray, "equal channels": cv2.merge([gray] * 3)}.get(ir_kind)
+    ir_frame = cv2.applyColorMap(gray, cv2.COLORMAP_JET) if ir_frame is None else ir_frame
+    rgb = touch_image(tmp_path / "images" / "v" / f"a{suffix}", rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    ir = touch_image(tmp_path / "imagesIR" / "v" / f"a{suffix}", ir_frame)
+    for channels in (4, 6):
+        from_files = load_pair(rgb, channels)[0].astype(int)
+        from_video = stack_frames(cv2.imread(str(rgb)), cv2.imread(str(ir)), channels).astype(int)
+        assert from_files.shape == from_video.shape == (64, 80, channels)
+        assert np.array_equal(from_files[..., :3], from_video[..., :3])
+        gap = np.abs(from_files[..., 3:] - from_video[..., 3:]).max()
+        assert gap <= (3 if ir_kind == "colour-mapped" and channels == 4 else 0), gap
+
+
+@pytest.mark.parametrize(
+    "junk", ["nan 0.5 0.5 0.1 0.1\n", "0 inf 0.5 0.1 0.1\n", "0 0.5 0.5 nan 0.1\n", "inf 0.5 0.5 0.1 0.1\n"]
+)
+def test_check_dataset_label_with_nan_or_inf(demo_copy, junk):
+    label = sorted((demo_copy.parent / "labels" / "val").iterdir())[0]
+    label.write_text(junk + label.read_text())
     with pytest.raises(DatasetError) as e:
         check_dataset(demo_copy)
-    assert_one_line_error(e, "IR image missing (4 of 4 in train)")
-    assert isinstance(e.value, ValueError)
+    assert_one_line_error(e, f"{label}:1", "class x y w h")
+
+
+# ----------------------------------------------------------------------------------------- every error, in one line
+def _yaml_syntax_error(data: Path):
+    data.write_text(data.read_text() + "names: [person, sign\n")
+    return [f"{data}:", "not valid YAML", "fix it"]
+
+
+def _yaml_list(data: Path):
+    data.write_text("- images/train\n- images/val\n")
+    return [str(data), "top level is a list", "data_config.yaml"]
+
+
+def _binary_config(data: Path):
+    data.write_bytes(b"\xff\xfe\x00junk")
+    return [str(data), "not valid YAML"]
+
+
+def _quoted_channels(data: Path):
+    data.write_text(data.read_text().replace("channels: 4", 'channels: "4"'))
+    return [str(data), "channels: '4' is text", "without quotes: 4 (", "6 ("]
+
+
+def _no_names(data: Path):
+    data.write_text(data.read_text().split("names:")[0])
+    return [str(data), "names:"]
+
+
+def _no_val(data: Path):
+    data.write_text(data.read_text().replace("val: images/val\n", ""))
+    return [str(data), "'val:' is missing"]
+
+
+def _split_not_a_path(data: Path):
+    data.write_text(data.read_text().replace("train: images/train", "train: {a: 1}"))
+    return [str(data), "'train: {'a': 1}' is not a folder or an image list"]
+
+
+def _missing_image_list(data: Path):
+    data.write_text(data.read_text().replace("train: images/train", "train: train.txt"))
+    return [str(data), "image list", "train.txt does not exist"]
+
+
+def _empty_folder(data: Path):
+    (data.parent / "images" / "empty").mkdir()
+    data.write_text(data.read_text().replace("val: images/val", "val: images/empty"))
+    return [str(data.parent / "images" / "empty"), "no images found"]
+
+
+def _image_outside_images(data: Path):
+    elsewhere = touch_image(data.parent / "frames" / "x.jpg", np.zeros((32, 32, 3), np.uint8))
+    (data.parent / "train.txt").write_text(f"{elsewhere}\n")
+    data.write_text(data.read_text().replace("train: images/train", "train: train.txt"))
+    return [str(elsewhere), "not inside an 'images/' folder"]
+
+
+def _unreadable_first_rgb(data: Path):
+    rgb = sorted((data.parent / "images" / "train").iterdir())[0]
+    rgb.write_bytes(b"junk")
+    return [str(rgb), "RGB image is missing or unreadable"]
+
+
+def _sixteen_bit_first_ir(data: Path):
+    ir = sorted((data.parent / "imagesIR" / "train").iterdir())[0]
+    cv2.imwrite(str(ir), np.full((32, 32), 40000, np.uint16))
+    return [str(ir), "8 bits"]
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        _yaml_syntax_error,
+        _yaml_list,
+        _binary_config,
+        _quoted_channels,
+        _no_names,
+        _no_val,
+        _split_not_a_path,
+        _missing_image_list,
+        _empty_folder,
+        _image_outside_images,
+        _unreadable_first_rgb,
+        _sixteen_bit_first_ir,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_every_check_dataset_error_is_one_line(demo_copy, breaks):
+    """Each way check_dataset refuses a set (these, and the single-case tests above): a DatasetError whose whole
+    message is the one line users see, naming the file."""
+    expected = breaks(demo_copy)
+    with pytest.raises(DatasetError) as e:
+        check_dataset(demo_copy)
+    assert_one_line_error(e, *expected)

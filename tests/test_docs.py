@@ -18,7 +18,7 @@ INLINE_CODE = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)", re.DOTALL)
 
 def train_dual_constants() -> dict:
     """The settings of train_dual.py, read from its source (importing it loads torch): the upper-case constants
-    assigned before its `SETTINGS = ...` line, which collects them the same way."""
+    assigned before its `SETTINGS = ...` line (the checked ones: test_settings.py holds them to be the same)."""
     constants = {}
     for node in ast.parse((ROOT / "train_dual.py").read_text()).body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):

@@ -21,21 +21,25 @@ from yolofuse.engine import FuseTrainer
 ACCUMULATE = ["BATCH=4", "NBS=16"]
 
 
-def run(runs_dir, data, kill_after_epoch, *settings):
+def run(runs_dir, data, kill_after_epoch, *settings, **env):
     """train_dual.py through tests/killer.py, SIGKILLed right after the checkpoint of `kill_after_epoch`."""
     cmd = killer_cmd(f"DATA={data}", f"RUNS_DIR={runs_dir}", *ACCUMULATE, *settings)
-    env = {**os.environ, "KILLER_AFTER_SAVE": str(kill_after_epoch)}
+    env = {**os.environ, "KILLER_AFTER_SAVE": str(kill_after_epoch), **env}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *settings):
+def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *settings, fault=None, resume=()):
+    """`fault`: KILLER_* variables for both runs' first process (not for the resumed one); `resume`: settings the
+    resumed launch adds. Returns the interrupted run's output before the kill, and the last step its last.pt saved."""
     # Both runs stop right after the last epoch's checkpoint, before the final strip, to compare full FP32 state.
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert run(straight, data, epochs, f"EPOCHS={epochs}", *settings).returncode == -signal.SIGKILL
+    assert run(straight, data, epochs, f"EPOCHS={epochs}", *settings, **(fault or {})).returncode == -signal.SIGKILL
 
-    assert run(interrupted, data, kill_after, f"EPOCHS={epochs}", *settings).returncode == -signal.SIGKILL
+    first = run(interrupted, data, kill_after, f"EPOCHS={epochs}", *settings, **(fault or {}))
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert checkpoint.load(interrupted / "weights" / "last.pt")["epoch"] == kill_after - 1
-    resumed = run(interrupted, data, epochs, f"EPOCHS={epochs}", *settings)
+    last_step = replay.load_state(interrupted / "weights" / "last.pt")["accumulation"]["last_step"]
+    resumed = run(interrupted, data, epochs, f"EPOCHS={epochs}", *settings, *resume)
     assert resumed.returncode == -signal.SIGKILL, resumed.stderr[-2000:]
     assert "Unfinished run" in resumed.stdout
 
@@ -49,6 +53,7 @@ def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *
     a, b = (pd.read_csv(d / "results.csv").drop(columns="time") for d in (straight, interrupted))
     assert list(a["epoch"]) == list(range(1, epochs + 1))
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+    return first.stdout + first.stderr, last_step
 
 
 def test_kill_in_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path):
@@ -66,6 +71,36 @@ def test_kill_after_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path
     # at batches 12 and 13. Mosaic closes for epochs 4-5, so the resumed run starts by closing it.
     data = make_dataset(tmp_path / "data", n_train=10)
     assert_killed_run_replays_straight_run(tmp_path, data, 5, 4, "CLOSE_MOSAIC=2")
+
+
+def test_an_epoch_restarted_after_out_of_memory_then_killed(tmp_path):
+    # 6 pairs, BATCH=4 (2 batches): the 2nd batch of epoch 1 runs out of memory, after a step at the 1st. Stock halves
+    # the batch to 2 (3 batches), restarts the epoch with its last step at -1 again, and steps at its first batch
+    # (index 0). Warm-up (2 epochs of this 3-epoch run) ramps accumulation from 1 to 8 (NBS=16): the next step is at
+    # batch 8. Killed after epoch 1, the run's last step is batch 0. Counting the restarted epoch on from the batches
+    # before the retry would save 2, and the resumed run would miss the step at batch 8.
+    data = make_dataset(tmp_path / "data", n_train=6)
+    out, last_step = assert_killed_run_replays_straight_run(
+        tmp_path,
+        data,
+        3,
+        1,
+        fault=dict(KILLER_OOM_AT="2"),
+        resume=["BATCH=2"],  # the run's batch since the retry
+    )
+    assert "Reducing to batch=2" in out, out[-3000:]
+    assert last_step == 0
+
+
+def test_an_epoch_restarted_after_nan_then_killed(tmp_path):
+    # 6 pairs, BATCH=4: 2 batches per epoch; warm-up (3 epochs of 4) ramps accumulation from 1 to 4: steps at batches
+    # 0 and 2. Epoch 2's loss reads NaN: stock reloads last.pt, restarts epoch 2 (batches 2-3) with its last step at
+    # -1, and steps at batch 2 again. Killed after it, the run's last step is batch 2; counting the restarted epoch on
+    # (as batches 4-5) would save 4, and the resumed run would miss the step at batch 6.
+    data = make_dataset(tmp_path / "data", n_train=6)
+    out, last_step = assert_killed_run_replays_straight_run(tmp_path, data, 4, 2, fault=dict(KILLER_NAN_EPOCH="1"))
+    assert "recovering from last.pt" in out, out[-3000:]
+    assert last_step == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -365,35 +365,33 @@ def test_best_pt_predicts_in_fresh_process(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- offline
-def test_import_sets_offline():
-    assert os.environ["YOLO_OFFLINE"] == "1"
-    assert os.environ["YOLO_AUTOINSTALL"] == "false"
-    from ultralytics.utils import ONLINE, is_online
-
-    assert not ONLINE and not is_online()
-
-
-def test_fonts_are_local(no_network):
-    from ultralytics.utils import USER_CONFIG_DIR
-    from ultralytics.utils.checks import check_font
-
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        font = check_font(name)
-        assert font is not None and Path(font).is_file()
-        assert Path(font).parent == Path(USER_CONFIG_DIR)
-    assert no_network == [], f"check_font tried the network: {no_network}"
-
-
 def test_import_offline_in_fresh_process(tmp_path):
-    """A fresh interpreter: importing yolofuse before ultralytics makes Ultralytics see itself offline."""
+    """A fresh interpreter, with none of the offline variables set and an empty Ultralytics config folder: importing
+    yolofuse before ultralytics makes Ultralytics see itself offline, and the plot fonts are there without a download
+    (a connection attempt fails and is counted)."""
     env = {k: v for k, v in os.environ.items() if k not in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL")}
-    env["PYTHONPATH"] = str(ROOT)
+    env.update(PYTHONPATH=str(ROOT), YOLO_CONFIG_DIR=str(tmp_path / "config"))
     code = (
-        "import os, yolofuse; from ultralytics.utils import ONLINE; from ultralytics.utils.checks import check_font;"
-        "print(os.environ['YOLO_OFFLINE'], ONLINE, check_font('Arial.ttf'))"
+        "import json, os, socket\n"
+        "attempts = []\n"
+        "def refuse(*args, **kwargs):\n"
+        "    attempts.append(repr(args))\n"
+        "    raise OSError('network disabled in tests')\n"
+        "socket.socket.connect = socket.socket.connect_ex = lambda self, *a: refuse(*a)\n"
+        "socket.getaddrinfo = refuse\n"
+        "from yolofuse import YOLO\n"
+        "from ultralytics.utils import ONLINE, USER_CONFIG_DIR, is_online\n"
+        "from ultralytics.utils.checks import check_font\n"
+        "fonts = [str(check_font(name)) for name in ('Arial.ttf', 'Arial.Unicode.ttf')]\n"
+        "print(json.dumps(dict(offline=os.environ['YOLO_OFFLINE'], autoinstall=os.environ['YOLO_AUTOINSTALL'],\n"
+        "    online=ONLINE or is_online(), config=str(USER_CONFIG_DIR), fonts=fonts, attempts=attempts)))\n"
     )
     cmd = [sys.executable, "-c", code]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    offline, online, font = proc.stdout.split()[-3:]
-    assert offline == "1" and online == "False" and Path(font).is_file()
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert (out["offline"], out["autoinstall"], out["online"]) == ("1", "false", False)
+    assert Path(out["config"]).is_relative_to(tmp_path / "config")
+    for font in out["fonts"]:
+        assert Path(font).parent == Path(out["config"]) and Path(font).is_file(), out
+    assert out["attempts"] == [], f"tried the network: {out['attempts']}"

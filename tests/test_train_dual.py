@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import killer_cmd, make_dataset, make_old_experiments, run_train_dual, train_dual_cmd
+from conftest import (
+    FAST,
+    ROOT,
+    folders_config,
+    image_list_config,
+    killer_cmd,
+    make_dataset,
+    make_old_experiments,
+    run_train_dual,
+    train_dual_cmd,
+)
 
 import yolofuse  # noqa: F401  (keeps Ultralytics offline)
 from yolofuse import checkpoint, replay
@@ -398,6 +409,8 @@ def test_raising_epochs_extends_the_run(tmp_path, killed_run, uninterrupted_lr):
     res = run_train_dual(*settings_of(runs, data, 5))
     assert_ok(res)
     assert "Unfinished run" in res.stdout, tail(res)
+    assert "Extending the run from 3 to 5 epochs" in res.stdout + res.stderr, tail(res)
+    assert "Resume ignores" not in res.stdout + res.stderr, tail(res)  # stock's line, which said the opposite
     assert csv_epochs(runs) == [1, 2, 3, 4, 5]
     assert load_ckpt(runs / "weights" / "last.pt")["train_args"]["epochs"] == 5
     # Epochs 1-2 followed the 3-epoch schedule; from epoch 3 on, the LR is that of a run planned for 5 epochs.
@@ -643,9 +656,142 @@ def test_class_or_channel_change_is_refused_before_any_change(tmp_path, killed_r
     assert after == before, f"the refused launch changed the run folder: {sorted(after.items() ^ before.items())}"
 
 
-def test_device_list_on_the_command_line_reaches_ultralytics_as_one_string(monkeypatch):
-    import train_dual
+def assert_refused(res: subprocess.CompletedProcess, *expected: str) -> None:
+    """The launch stopped with one line on stderr, `error: ...`, holding each of `expected`."""
+    assert res.returncode != 0 and "Traceback" not in res.stderr, tail(res)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), tail(res)
+    for text in expected:
+        assert text in lines[0], f"{text!r} not in {lines[0]!r}"
 
-    monkeypatch.setattr(train_dual, "DEVICE", None)  # restored after the test
-    train_dual.apply_overrides(["DEVICE=0,1"])  # Python reads the value as the tuple (0, 1)
-    assert train_dual.pick_device() == "0,1"
+
+def test_device_list_on_the_command_line_reaches_ultralytics_as_one_string(tmp_path, tiny_data):
+    """DEVICE=0,1 (which Python reads as the tuple (0, 1)) reaches stock's select_device in the trainer as '0,1'.
+
+    This machine has no GPU: the launch sees two (torch.cuda.device_count), and stops in select_device."""
+    code = (
+        "import runpy, sys, torch, yolofuse\n"
+        "torch.cuda.device_count = lambda: 2\n"
+        "import ultralytics.engine.trainer as trainer\n"
+        "def select_device(device, *args, **kwargs):\n"
+        "    print('select_device got', repr(device), flush=True)\n"
+        "    sys.exit(3)\n"
+        "trainer.select_device = select_device\n"
+        f"sys.argv = ['train_dual.py', *sys.argv[1:]]\n"
+        f"runpy.run_path({str(ROOT / 'train_dual.py')!r}, run_name='__main__')\n"
+    )
+    cmd = [sys.executable, "-c", code, *FAST, *settings_of(tmp_path / "runs", tiny_data, 1), "DEVICE=0,1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 3 and "select_device got '0,1'" in res.stdout, tail(res)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 11. Every setting is checked before anything changes: a bad one is one line, and a finished run is not archived
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 1-epoch run: a launch in its folder would archive it to exp1 first."""
+    base = tmp_path_factory.mktemp("finished")
+    data = make_dataset(base / "data")
+    assert_ok(run_train_dual(*settings_of(base / "runs", data, 1)))
+    return base / "runs", data
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ("EPOCHS=0", "EPOCHS=0: must be a whole number >= 1"),
+        ("EPOCHS=ten", "EPOCHS='ten': must be a whole number >= 1"),
+        ("DEVICE=7", "DEVICE=7: there is no GPU 7 here (no CUDA GPU found)"),
+        ("DEVICE=gpu", "DEVICE='gpu': must be None (the GPU if there is one), 'cpu', or GPU numbers"),
+        ("CLEANUP_EVERY=0", "CLEANUP_EVERY=0: must be a whole number >= 1"),
+        ("CACHE=yes", "CACHE='yes': must be one of False, True, 'ram', 'disk'"),
+        ("MAP_WHITELIST=80", "MAP_WHITELIST=80: mAP50 is a fraction from 0 to 1; 80 looks like a percentage: use 0.8"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_the_finished_run_stays(tmp_path, finished_run, bad, expected):
+    runs = tmp_path / "runs"
+    shutil.copytree(finished_run[0], runs, symlinks=True)
+    before = snapshot(runs)
+    res = run_train_dual(*settings_of(runs, finished_run[1], 1), bad)
+    assert_refused(res, expected)
+    assert snapshot(runs) == before, "the refused launch changed the run folder (archived the finished run?)"
+
+
+def _runs_dir_is_a_file(tmp_path: Path):
+    file = tmp_path / "runs"
+    file.write_text("a file")
+    return file, [f"RUNS_DIR={str(file)!r} is a file, not a folder"]
+
+
+def _runs_dir_read_only(tmp_path: Path):
+    if os.geteuid() != 0:
+        runs = tmp_path / "runs"
+        runs.mkdir()
+        runs.chmod(0o555)
+        return runs, [f"{runs} is not writable"]
+    return Path("/proc/yolofuse-runs"), ["/proc is not writable"]  # root writes through any mode; /proc takes nothing
+
+
+def _runs_dir_holds_the_launcher(tmp_path: Path):
+    return ".", ["RUNS_DIR='.'", "holds train_dual.py", "RUNS_DIR=runs/fuse"]
+
+
+@pytest.mark.parametrize(
+    "runs_dir", [_runs_dir_is_a_file, _runs_dir_read_only, _runs_dir_holds_the_launcher], ids=lambda f: f.__name__[1:]
+)
+def test_a_runs_dir_that_cannot_hold_the_run_is_one_line(tmp_path, tiny_data, runs_dir):
+    runs, expected = runs_dir(tmp_path)
+    before = sorted(p.name for p in ROOT.iterdir())
+    res = run_train_dual(f"RUNS_DIR={runs}", f"DATA={tiny_data}", "EPOCHS=1")
+    assert_refused(res, *expected)
+    assert sorted(p.name for p in ROOT.iterdir()) == before, "the launcher's folder changed"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 12. Settings given on the command line on resume: they take effect with a line, or are refused in one
+
+
+def test_batch_patience_cache_and_close_mosaic_change_on_resume_each_with_a_line(tmp_path, killed_run):
+    """The run was killed at BATCH=4 (2 batches of 8 pairs): it resumes at BATCH=2, 4 batches an epoch."""
+    runs, data = copy_of(killed_run, tmp_path / "runs")
+    record = tmp_path / "resumed.pt"
+    changed = ("BATCH=2", "PATIENCE=7", "CACHE=ram", "CLOSE_MOSAIC=2")
+    res = run_killer(*settings_of(runs, data, 3), *changed, KILLER_RECORD=str(record))
+    assert_ok(res)
+    for line in (
+        "BATCH: 4 -> 2 from here on; the batches differ",
+        "PATIENCE: 100 -> 7 from here on",
+        "CACHE: False -> 'ram' from here on",
+        "CLOSE_MOSAIC: 10 -> 2 from here on",
+    ):
+        assert line in res.stdout, tail(res)
+    assert "Resume ignores" not in res.stdout + res.stderr, tail(res)
+    resumed = torch.load(record, weights_only=False)
+    assert (resumed["batch_size"], resumed["batches"], resumed["patience"]) == (2, 4, 7)
+    args = load_ckpt(runs / "weights" / "last.pt")["train_args"]
+    assert (args["batch"], args["patience"], args["cache"], args["close_mosaic"]) == (2, 7, "ram", 2)
+    assert csv_epochs(runs) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("change", ["IMGSZ=32", "EPOCHS=2"])
+def test_a_change_that_cannot_happen_mid_run_is_refused_before_any_change(tmp_path, killed_run, change):
+    runs, data = copy_of(killed_run, tmp_path / "runs")
+    before = without_lock(snapshot(runs))
+    res = run_train_dual(*settings_of(runs, data, 3), change)
+    assert_refused(res, change, "this run")
+    assert without_lock(snapshot(runs)) == before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 13. Data configs Ultralytics takes: a list of folders, image lists
+
+
+@pytest.mark.parametrize("config", [folders_config, image_list_config], ids=["list-of-folders", "image-lists"])
+def test_a_list_of_folders_or_image_lists_train(tmp_path, tiny_data, config):
+    runs = tmp_path / "runs"
+    res = run_train_dual(*settings_of(runs, config(tiny_data), 1))
+    assert_ok(res)
+    assert "Using 8 train, 4 val images" in res.stdout + res.stderr, tail(res)
+    assert csv_epochs(runs) == [1]

@@ -180,10 +180,12 @@ class TorchrunError(RuntimeError):
 
 
 def check_torchrun(device) -> None:
-    """Refuse what would fight torchrun over the processes: a device list, or the CPU switch."""
-    if device not in (None, "cpu"):
+    """Under torchrun, refuse what would fight it over the processes: a DEVICE but None or "cpu", or the CPU switch."""
+    if not TORCHRUN:
+        return
+    if device is not None and str(device).lower() != "cpu":
         raise TorchrunError(
-            f"DEVICE={device} together with torchrun: torchrun starts the processes, each on the GPU of its local "
+            f"DEVICE={device!r} together with torchrun: torchrun starts the processes, each on the GPU of its local "
             "rank; leave DEVICE=None (or set 'cpu') and choose the GPUs with --nproc-per-node and CUDA_VISIBLE_DEVICES"
         )
     if CPU_PROCESSES:
@@ -258,8 +260,6 @@ def lead(runs_dir: Path, device):
     anything in it changes), then it gets the model to train (`send`) or the line rank 0 stopped with.
     """
     global _followers_waiting
-    if TORCHRUN:
-        check_torchrun(device)
     if TORCHRUN_WORLD > 1:
         _join(device)
         _followers_waiting = True
@@ -292,7 +292,6 @@ def send(model, settings: dict) -> None:
 def follow(runs_dir: Path, device) -> None:
     """A torchrun rank other than 0: wait for rank 0 (`lead`), then train the model it sends, with its settings, on
     this rank's device. Nothing here writes into the run folder: rank 0 alone does."""
-    check_torchrun(device)
     _join(device)
     _check_shared(runs_dir)
     model, settings = cloudpickle.loads(_heard(_broadcast()))

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import ultralytics
+from ultralytics.data.build import build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
 from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
-from ultralytics.utils import LOGGER, RANK, colorstr, ops
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils import LOGGER, RANK, ops
+from ultralytics.utils.torch_utils import EarlyStopping
 
 from yolofuse import (
     checkpoint,
@@ -24,7 +25,7 @@ from yolofuse import (
     offline,
     replay,
 )
-from yolofuse.data import SUPPORTED_CHANNELS, DatasetError, PairedDataset, check_dataset, load_pair
+from yolofuse.data import SUPPORTED_CHANNELS, DatasetError, check_dataset, load_pair, paired_datasets
 from yolofuse.source import PairedSource, WithIR
 
 offline.install_fonts()  # before any plot: Ultralytics would download Arial
@@ -33,24 +34,17 @@ DEFAULT_CHANNELS = 4  # RGB + 1-channel IR, when a model is built without a data
 
 
 def build_paired_dataset(args, img_path, batch, data, mode, stride, rect=False):
-    """The stock `build_yolo_dataset` settings, with the paired dataset class."""
-    return PairedDataset(
-        img_path=img_path,
-        imgsz=args.imgsz,
-        batch_size=batch,
-        augment=mode == "train",
-        hyp=args,
-        rect=args.rect or rect,
-        cache=args.cache or None,
-        single_cls=args.single_cls or False,
-        stride=stride,
-        pad=0.0 if mode == "train" else 0.5,
-        prefix=colorstr(f"{mode}: "),
-        task=args.task,
-        classes=args.classes,
-        data=data,
-        fraction=args.fraction if mode == "train" else 1.0,
-    )
+    """Stock `build_yolo_dataset`, building the paired dataset (for tools and tests; the trainer and validator go
+    through their stock `build_dataset`)."""
+    with paired_datasets():
+        return build_yolo_dataset(args, img_path, batch, data, mode=mode, rect=rect, stride=stride)
+
+
+def on_both_halves(boxes: torch.Tensor, shift: float, x_columns: list[int]) -> torch.Tensor:
+    """Each box twice, for an RGB | IR image: where it is (on RGB), then `shift` to the right (on IR)."""
+    shifted = boxes.clone()
+    shifted[:, x_columns] += shift
+    return torch.cat([boxes, shifted])
 
 
 def side_by_side(batch: dict) -> dict:
@@ -59,11 +53,9 @@ def side_by_side(batch: dict) -> dict:
     ir = img[:, 3:]
     ir = ir.expand(-1, 3, -1, -1) if ir.shape[1] == 1 else ir
     wide = {"img": torch.cat([img[:, :3], ir], dim=3)}
-    boxes = batch["bboxes"].clone()  # normalized xywh
+    boxes = batch["bboxes"].clone()  # normalized xywh, now of the double width
     boxes[:, [0, 2]] /= 2
-    shifted = boxes.clone()
-    shifted[:, 0] += 0.5
-    wide["bboxes"] = torch.cat([boxes, shifted])
+    wide["bboxes"] = on_both_halves(boxes, 0.5, [0])
     for key in ("cls", "batch_idx"):
         wide[key] = torch.cat([batch[key], batch[key]])
     return {**batch, **wide}
@@ -71,6 +63,12 @@ def side_by_side(batch: dict) -> dict:
 
 class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
     """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_passes = 0  # train-loader passes beyond one per epoch (see replay.epoch_started)
+        if replay.epoch_started not in self.callbacks["on_train_epoch_start"]:  # DDP workers get it with the others
+            self.add_callback("on_train_epoch_start", replay.epoch_started)
 
     def train(self):
         if not self.ddp:
@@ -96,20 +94,20 @@ class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
         return super().get_dataset()
 
     def build_dataset(self, img_path, mode="train", batch=None):
-        stride = max(int(unwrap_model(self.model).stride.max()), 32)
-        return build_paired_dataset(self.args, img_path, batch, self.data, mode, stride, rect=mode == "val")
+        with paired_datasets():
+            return super().build_dataset(img_path, mode, batch)
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
         if mode == "train":
             replay.use_epoch_keys(loader, self.args.seed)
-            replay.set_next_epoch(loader, self.start_epoch)  # a loader rebuilt mid-run (OOM retry) starts there
+            replay.set_next_epoch(loader, self.start_epoch, self.extra_passes)  # also a loader an OOM retry rebuilds
         return loader
 
     def _close_dataloader_mosaic(self):
         super()._close_dataloader_mosaic()
         # Stock resets the loader next: with workers, the pass they began for this epoch is dropped and started again.
-        replay.set_next_epoch(self.train_loader, self.epoch)
+        replay.set_next_epoch(self.train_loader, self.epoch, self.extra_passes)
 
     def get_validator(self):
         return FuseValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
@@ -118,8 +116,10 @@ class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
         super().plot_training_samples(side_by_side(batch), ni)
 
     def check_resume(self, overrides):
-        """Stock resume keeps the checkpoint's `epochs`; a larger requested `epochs` extends the run instead."""
-        super().check_resume(overrides)
+        """Stock resume keeps the checkpoint's `epochs`; a larger requested `epochs` extends the run instead.
+
+        (Stock is not given `epochs`: it would warn that it ignores them, while the run is extended.)"""
+        super().check_resume({k: v for k, v in overrides.items() if k != "epochs"})
         wanted = overrides.get("epochs")
         if self.resume and wanted and wanted > self.args.epochs:
             LOGGER.info(f"Extending the run from {self.args.epochs} to {wanted} epochs; LR schedule recomputed")
@@ -134,9 +134,12 @@ class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
         super().resume_training(ckpt)
         if ckpt is None or not self.resume:
             return
+        self.stopper.patience = EarlyStopping(self.args.patience).patience  # stock restores the checkpoint's
         state = replay.load_state(Path(self.args.resume), ckpt)
         if state is not None:
             replay.restore(self, state, self.start_epoch)
+            if self.args.batch != ckpt.get("train_args", {}).get("batch"):  # the saved window counts other batches
+                self.accumulation.start_window(self.start_epoch, len(self.train_loader))
         else:
             LOGGER.warning(f"{self.args.resume} has no exact-resume state; resuming from its FP16 EMA as stock does")
         if RANK in {-1, 0}:  # under DDP every rank resumes; one writes
@@ -220,19 +223,19 @@ class FuseValidator(DetectionValidator):
     """DetectionValidator on stacked pairs, for the model in training or for a `.pt` or exported model on its own."""
 
     def build_dataset(self, img_path, mode="val", batch=None):
-        return build_paired_dataset(self.args, img_path, batch, self.data, mode, self.stride)
+        with paired_datasets():
+            return super().build_dataset(img_path, mode, batch)
 
     def plot_val_samples(self, batch, ni):
         super().plot_val_samples(side_by_side(batch), ni)
 
     def plot_predictions(self, batch, preds, ni, max_det=None):
         width = batch["img"].shape[3]
-        shift = torch.tensor([width, 0, width, 0], device=batch["img"].device)
         both = [
             {
                 **p,
                 **{k: torch.cat([p[k], p[k]]) for k in ("conf", "cls")},
-                "bboxes": torch.cat([p["bboxes"], p["bboxes"] + shift]),
+                "bboxes": on_both_halves(p["bboxes"], width, [0, 2]),  # pixels, x1 y1 x2 y2
             }
             for p in preds
         ]
@@ -265,10 +268,8 @@ class PairResults(Results):
     def plot(self, *args, **kwargs):
         if not self.side_by_side or kwargs.get("img") is not None:
             return super().plot(*args, **kwargs)
-        boxes = torch.as_tensor(self.boxes.data)
-        shifted = boxes.clone()
-        shifted[:, [0, 2]] += self.orig_shape[1]
-        wide = Results(np.hstack([self.orig_img, self.ir]), self.path, self.names, boxes=torch.cat([boxes, shifted]))
+        boxes = on_both_halves(torch.as_tensor(self.boxes.data), self.orig_shape[1], [0, 2])  # x1 y1 x2 y2 conf cls
+        wide = Results(np.hstack([self.orig_img, self.ir]), self.path, self.names, boxes=boxes)
         return wide.plot(*args, **kwargs)
 
 

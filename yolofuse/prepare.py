@@ -27,11 +27,10 @@ from typing import Callable
 import cv2
 import yaml
 from PIL import Image
-from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.utils import TQDM
 
 from yolofuse.checkpoint import commit
-from yolofuse.data import IR_DIR, RGB_DIR, SUPPORTED_CHANNELS
+from yolofuse.data import IR_DIR, RGB_DIR, SUPPORTED_CHANNELS, image_files
 
 LABEL_DIR = "labels"
 OUTPUTS = (RGB_DIR, IR_DIR, LABEL_DIR)  # the folders prepare owns in DST, besides data.yaml
@@ -181,11 +180,7 @@ def read_yolo(path: Path, names: list[str], w: int, h: int) -> list[Box]:
 
 def image_index(folder: Path) -> dict[str, Path]:
     """Images under `folder`, keyed by their path relative to it, without suffix ('sub/x')."""
-    return {
-        p.relative_to(folder).with_suffix("").as_posix(): p
-        for p in folder.rglob("*")
-        if p.suffix[1:].lower() in IMG_FORMATS and p.is_file()
-    }
+    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in image_files(folder)}
 
 
 def pair_folders(rgb_dir: Path, ir_dir: Path, ann_of, split=None, prefix="") -> tuple[list[Frame], list]:

@@ -97,11 +97,14 @@ def use_epoch_keys(loader, seed: int) -> None:
     batch_sampler.sampler = EpochKeys(order, len(loader.dataset), batch_sampler.batch_size, seed)
 
 
-def set_next_epoch(loader, epoch: int) -> None:
-    """The loader's next fresh pass is `epoch` (after a resume, or when a reset drops a pass its workers began)."""
+def set_next_epoch(loader, epoch: int, extra_passes: int = 0) -> None:
+    """The loader's next fresh pass is `epoch`'s (after a resume, or when a reset drops a pass its workers began).
+
+    `extra_passes`: passes the run has drawn beyond one per epoch (each NaN recovery redoes its epoch on the loader's
+    next pass, as stock does), so epoch e is pass e + extra_passes."""
     keys = _batch_sampler(loader).sampler
     if isinstance(keys, EpochKeys):
-        keys.epoch = epoch
+        keys.epoch = epoch + extra_passes
 
 
 @contextmanager
@@ -151,6 +154,10 @@ class Accumulation:
     gradients. After a resume, the first batch gets the gradients back, and until the first step `trainer.accumulate`
     is raised by `last_step + 1`, so that stock's test against -1 gives the answer it gives in the uninterrupted run.
     During warm-up stock rewrites `trainer.accumulate` before each batch, so the nominal value is read again then.
+
+    `ni` is counted from the start of each epoch as stock's loop starts it (`epoch_started`, its on_train_epoch_start).
+    Stock restarts an epoch after an out-of-memory retry or a NaN recovery: it then sets `last_opt_step` back to -1 and
+    drops the gradients, and so does this.
     """
 
     def __init__(self):
@@ -158,6 +165,7 @@ class Accumulation:
         self.grads = None  # the saved open window, put back at the first batch after a resume
         self.offset = 0  # added to trainer.accumulate until the first step after a resume
         self.nominal = None  # trainer.accumulate as stock means it, while it is raised
+        self.loader = None  # the train loader the epoch started with: stock builds a new one for an OOM retry
 
     def state(self, model) -> dict:
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -166,17 +174,28 @@ class Accumulation:
     def load(self, state: dict) -> None:
         self.last_step, self.grads, self.offset = state["last_step"], state["grads"], state["last_step"] + 1
 
+    def start_window(self, epoch: int, nb: int) -> None:
+        """After a resume with another batch size, where the saved window means nothing: a window opens at `epoch`'s
+        first batch, and the first step comes `accumulate` batches later (stock would step at once)."""
+        self.load({"last_step": epoch * nb - 1, "grads": None})
+
+    def epoch_started(self, trainer) -> None:
+        if trainer.epoch == self.epoch:  # stock restarts this epoch: its last step is -1 again, gradients dropped
+            if self.offset and trainer.train_loader is self.loader:  # a NaN recovery: stock left accumulate raised
+                trainer.accumulate = self.nominal
+            self.last_step, self.grads, self.offset, self.nominal = -1, None, 0, None
+        self.epoch, self.loader = trainer.epoch, trainer.train_loader
+        self.ni = trainer.epoch * len(trainer.train_loader) - 1
+
     def batch_started(self, trainer) -> None:
-        nb = len(trainer.train_loader)
-        self.ni = trainer.epoch * nb if trainer.epoch != self.epoch else self.ni + 1
-        self.epoch = trainer.epoch
+        self.ni += 1
         if self.grads is not None:
             params = dict(unwrap_model(trainer.model).named_parameters())
             for name, grad in self.grads.items():  # in the parameter's own memory layout, as backward makes it
                 params[name].grad = torch.empty_like(params[name]).copy_(grad)
             self.grads, self.nominal = None, trainer.accumulate
         if self.offset:
-            warmup = trainer._get_warmup_iterations(nb)
+            warmup = trainer._get_warmup_iterations(len(trainer.train_loader))
             if warmup and self.ni <= warmup:  # stock has just set this batch's value
                 self.nominal = trainer.accumulate
             trainer.accumulate = self.nominal + self.offset
@@ -185,6 +204,18 @@ class Accumulation:
         self.last_step = self.ni
         if self.offset:
             trainer.accumulate, self.offset = self.nominal, 0
+
+
+def epoch_started(trainer) -> None:
+    """Stock's on_train_epoch_start callback (a plain function, so DDP can pickle it with the trainer's callbacks).
+
+    Stock restarts an epoch after an out-of-memory retry, on a loader it rebuilds (which the trainer points at the
+    epoch's pass), or after a NaN recovery, on the same loader, which then serves its next pass: from then on the run
+    draws one pass more than it has epochs, and a resume must know (`trainer.extra_passes`, saved by `capture`)."""
+    accumulation = trainer.accumulation
+    if trainer.epoch == accumulation.epoch and trainer.train_loader is accumulation.loader:
+        trainer.extra_passes += 1
+    accumulation.epoch_started(trainer)
 
 
 def pack(tensors: dict) -> dict:
@@ -262,6 +293,7 @@ def capture(trainer, rank_rngs: list[dict] | None = None) -> dict:
         "ema": pack(trainer.ema.ema.state_dict()),
         "optimizer": pack({(i, k): optimizer["state"][i][k] for i, k in rounded_by_stock(optimizer)}),
         "accumulation": {**accumulation, "grads": pack(accumulation["grads"])},
+        "extra_passes": trainer.extra_passes,
         "rngs": rank_rngs or [process_rng()],
     }
 
@@ -271,7 +303,8 @@ def load_state(path, ckpt: dict | None = None) -> dict | None:
     checkpoint holds no exact-resume member.
 
     Keys: model and ema (state dicts), optimizer (stock's state dict with the entries it rounded put back in FP32),
-    accumulation (last_step, grads by parameter name) and rngs (each training process's RNG streams).
+    accumulation (last_step, grads by parameter name), extra_passes (train-loader passes beyond one per epoch) and
+    rngs (each training process's RNG streams).
     """
     state = checkpoint.read_member(path, RESUME_MEMBER)
     if state is None:
@@ -285,6 +318,7 @@ def load_state(path, ckpt: dict | None = None) -> dict | None:
         "ema": unpack(state["ema"]),
         "optimizer": optimizer,
         "accumulation": {**state["accumulation"], "grads": unpack(state["accumulation"]["grads"])},
+        "extra_passes": state.get("extra_passes", 0),  # a last.pt from before it was saved: none
         "rngs": state["rngs"],
     }
 
@@ -313,7 +347,8 @@ def restore(trainer, state: dict, start_epoch: int) -> None:
         saved["fused"] = group.get("fused")  # the runtime device picks the kernel, as in stock resume
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.accumulation.load(state["accumulation"])
-    set_next_epoch(trainer.train_loader, start_epoch)
+    trainer.extra_passes = state["extra_passes"]
+    set_next_epoch(trainer.train_loader, start_epoch, trainer.extra_passes)
     ranks = state["rngs"]
     if len(ranks) != max(trainer.world_size, 1):
         LOGGER.warning(f"last.pt was saved by {len(ranks)} training process(es): the trainer's RNG streams restart")

@@ -15,7 +15,16 @@ from ultralytics.data.loaders import LoadImagesAndVideos, SourceTypes
 from ultralytics.data.utils import IMG_FORMATS, VID_FORMATS
 from ultralytics.utils import LOGGER
 
-from yolofuse.data import IR_DIR, DatasetError, check_ir_header, ir_path, load_pair, partner_in, stack_pair
+from yolofuse.data import (
+    IR_DIR,
+    DatasetError,
+    check_ir_header,
+    ir_layers,
+    ir_path,
+    load_pair,
+    partner_in,
+    stack_pair,
+)
 
 MAX_FRAME_GAP = 1  # RGB and IR videos whose frame counts differ by more are not one recording
 
@@ -23,8 +32,7 @@ MAX_FRAME_GAP = 1  # RGB and IR videos whose frame counts differ by more are not
 def stack_frames(rgb: np.ndarray, ir: np.ndarray, channels: int) -> np.ndarray:
     """An RGB video frame and its IR frame (both BGR, as cv2 decodes video) stacked as `load_pair` stacks a pair:
     IR as one gray channel (`channels` 4) or three (6), resized to the RGB frame."""
-    if channels == 4:
-        ir = cv2.cvtColor(ir, cv2.COLOR_BGR2GRAY)
+    ir = ir_layers(ir, channels)
     if ir.shape[:2] != rgb.shape[:2]:
         ir = cv2.resize(ir, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
     return stack_pair(rgb, ir)
