@@ -43,6 +43,31 @@ def tiny_data(tmp_path) -> Path:
     return make_dataset(tmp_path / "data")
 
 
+@pytest.fixture(scope="session")
+def stock_weights(tmp_path_factory):
+    """family ("yolo26n", ...) -> a stock Ultralytics checkpoint of it, made once per session by a 1-epoch stock run
+    at imgsz 64 on the RGB half of a tiny demo copy, offline: a user's yolo26n.pt in miniature (same classes)."""
+    import ultralytics
+
+    work = tmp_path_factory.mktemp("stock_weights")
+    paired = make_dataset(work / "data", n_train=8, n_val=2)
+    rgb = work / "rgb.yaml"  # stock datasets read images/ and labels/: the IR folder beside them is ignored
+    rgb.write_text(paired.read_text().replace("channels: 4\n", ""))
+    made = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            run = work / family
+            ultralytics.YOLO(f"{family}.yaml").train(
+                data=str(rgb), epochs=1, imgsz=64, batch=4, workers=0, device="cpu", plots=False, val=False,
+                save_dir=str(run), exist_ok=True, verbose=False,
+            )  # fmt: skip
+            made[family] = run / "weights" / "last.pt"  # finished, so stripped: as Ultralytics releases them
+        return made[family]
+
+    return get
+
+
 def train_dual_cmd(*settings: str) -> list[str]:
     return [sys.executable, str(ROOT / "train_dual.py"), *FAST, *settings]
 

@@ -20,6 +20,9 @@ KILLER_LOG=<file>
 KILLER_PAUSE_EPOCH=<k>  (with KILLER_READY=<file>, optional KILLER_GO=<file>)
     After the first optimizer step of 0-based epoch k: create KILLER_READY, then wait (for a signal from the test,
     or until KILLER_GO exists, then go on training normally). Gives a test a known mid-epoch instant to act at.
+KILLER_TRAIN=<name>=<value>,...
+    Pass these Ultralytics train() arguments to a fresh run (a resume takes them from its checkpoint), e.g.
+    optimizer=MuSGD, which optimizer=auto picks only for runs of over 10,000 iterations.
 KILLER_DDP_PROBE=<folder>  (optional KILLER_DDP_PAUSE)
     Add tests/ddp_probe.py's callbacks to every model; Ultralytics pickles them into the DDP workers, where they
     record each rank's writes, resume state and PID in <folder>, and can pause a rank (see ddp_probe.py).
@@ -142,6 +145,16 @@ def install_pause(epoch: int, ready: str, go: str | None) -> None:
     engine.FuseTrainer.optimizer_step = optimizer_step
 
 
+def install_train_args(spec: str) -> None:
+    original = engine.YOLO.train
+    extra = dict(item.split("=", 1) for item in spec.split(","))
+
+    def train(self, **kwargs):
+        return original(self, **kwargs if kwargs.get("resume") else {**kwargs, **extra})
+
+    engine.YOLO.train = train
+
+
 if os.environ.get("KILLER_RECORD"):
     install_record(os.environ["KILLER_RECORD"])
 if os.environ.get("KILLER_COMMIT"):
@@ -150,6 +163,8 @@ if os.environ.get("KILLER_AFTER_SAVE") or os.environ.get("KILLER_LOG"):
     install_after_save(int(os.environ.get("KILLER_AFTER_SAVE", 0)), os.environ.get("KILLER_LOG"))
 if os.environ.get("KILLER_LOG"):
     install_first_step_log(os.environ["KILLER_LOG"])
+if os.environ.get("KILLER_TRAIN"):
+    install_train_args(os.environ["KILLER_TRAIN"])
 if os.environ.get("KILLER_PAUSE_EPOCH"):
     install_pause(int(os.environ["KILLER_PAUSE_EPOCH"]), os.environ["KILLER_READY"], os.environ.get("KILLER_GO"))
 

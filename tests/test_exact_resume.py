@@ -21,21 +21,22 @@ from yolofuse.engine import FuseTrainer
 ACCUMULATE = ["BATCH=4", "NBS=16"]
 
 
-def run(runs_dir, data, kill_after_epoch, *settings):
+def run(runs_dir, data, kill_after_epoch, *settings, **env):
     """train_dual.py through tests/killer.py, SIGKILLed right after the checkpoint of `kill_after_epoch`."""
     cmd = killer_cmd(f"DATA={data}", f"RUNS_DIR={runs_dir}", *ACCUMULATE, *settings)
-    env = {**os.environ, "KILLER_AFTER_SAVE": str(kill_after_epoch)}
+    env = {**os.environ, "KILLER_AFTER_SAVE": str(kill_after_epoch), **env}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *settings):
+def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *settings, **env):
     # Both runs stop right after the last epoch's checkpoint, before the final strip, to compare full FP32 state.
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert run(straight, data, epochs, f"EPOCHS={epochs}", *settings).returncode == -signal.SIGKILL
+    done = run(straight, data, epochs, f"EPOCHS={epochs}", *settings, **env)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
 
-    assert run(interrupted, data, kill_after, f"EPOCHS={epochs}", *settings).returncode == -signal.SIGKILL
+    assert run(interrupted, data, kill_after, f"EPOCHS={epochs}", *settings, **env).returncode == -signal.SIGKILL
     assert checkpoint.load(interrupted / "weights" / "last.pt")["epoch"] == kill_after - 1
-    resumed = run(interrupted, data, epochs, f"EPOCHS={epochs}", *settings)
+    resumed = run(interrupted, data, epochs, f"EPOCHS={epochs}", *settings, **env)
     assert resumed.returncode == -signal.SIGKILL, resumed.stderr[-2000:]
     assert "Unfinished run" in resumed.stdout
 
@@ -66,6 +67,21 @@ def test_kill_after_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path
     # at batches 12 and 13. Mosaic closes for epochs 4-5, so the resumed run starts by closing it.
     data = make_dataset(tmp_path / "data", n_train=10)
     assert_killed_run_replays_straight_run(tmp_path, data, 5, 4, "CLOSE_MOSAIC=2")
+
+
+def test_fused_yolo26_with_musgd(tmp_path):
+    """YOLO26 (end-to-end head, one-to-one and one-to-many branches) fused from the stock yaml, trained with MuSGD,
+    which optimizer=auto picks for real-size runs: stock rounds both of its momentum buffers to FP16 in last.pt."""
+    data = make_dataset(tmp_path / "data", n_train=6)
+    assert_killed_run_replays_straight_run(
+        tmp_path, data, 4, 2, "CLOSE_MOSAIC=1", "MODEL=yolo26n.yaml", KILLER_TRAIN="optimizer=MuSGD"
+    )
+    last = tmp_path / "interrupted" / "weights" / "last.pt"
+    ckpt = checkpoint.load(last)
+    assert ckpt["train_args"]["optimizer"] == "MuSGD" and ckpt["ema"].yaml["end2end"] is True
+    assert "Modality" in {type(m).__name__ for m in ckpt["ema"].modules()}, "not the RGB+IR model"
+    kept = replay.rounded_by_stock(replay.load_state(last, ckpt)["optimizer"])
+    assert {k for _, k in kept} == {"momentum_buffer", "momentum_buffer_SGD"}, "MuSGD's buffers are the exact state"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
