@@ -4,7 +4,8 @@ CPU only, offline. One 4-channel model is trained on the 64 demo train pairs at 
 optimizer steps: the fewest that give a model whose predictions depend on its input (mAP50 about 0.2). A 2-epoch
 model predicts the same frame-sized boxes whatever the pair, so parity and IR checks on it could not fail. The
 6-channel model is made from it by spreading the IR weights of each stream's first conv over three channels: on gray
-IR saved as 3 channels it must predict what the 4-channel model predicts. Both are exported to TorchScript and ONNX.
+IR saved as 3 channels it must predict what the 4-channel model predicts. A YOLO26n made RGB+IR (mid fusion, its
+NMS-free end-to-end head) is trained the same way. All are exported to TorchScript and ONNX.
 """
 
 import copy
@@ -22,7 +23,7 @@ from conftest import ROOT, make_dataset
 from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.utils import LOGGER
 
-from yolofuse import YOLO, DatasetError
+from yolofuse import YOLO, DatasetError, fuse
 from yolofuse.data import ir_path
 from yolofuse.engine import PairResults
 
@@ -43,13 +44,24 @@ def export(pt: Path, data: Path, channels: int) -> SimpleNamespace:
     return SimpleNamespace(data=data, weights=weights, images=images, channels=channels)
 
 
-@pytest.fixture(scope="module")
-def four(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("four")
+def trained(tmp: Path, model: Path) -> SimpleNamespace:
     data = make_dataset(tmp / "data", n_train=64, n_val=4)
     # val and save only after the last epoch: their per-epoch cost is most of a short run's time
-    YOLO(str(MID)).train(data=str(data), save_dir=str(tmp / "run"), exist_ok=True, val=False, save=False, **TRAIN)
+    YOLO(str(model)).train(data=str(data), save_dir=str(tmp / "run"), exist_ok=True, val=False, save=False, **TRAIN)
     return export(tmp / "run" / "weights" / "best.pt", data, 4)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    return trained(tmp_path_factory.mktemp("four"), MID)
+
+
+@pytest.fixture(scope="module")
+def four26(tmp_path_factory):
+    """YOLO26n, mid fusion: two stock YOLO26n backbones, its neck and end-to-end head."""
+    tmp = tmp_path_factory.mktemp("four26")
+    model = fuse.write(fuse.resolve(Path("yolo26n.yaml"), "mid"), tmp)
+    return trained(tmp, model)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +125,7 @@ def assert_same_boxes(expected, got, what):
 
 
 # ---------------------------------------------------------------------------------------------------------- export
-@pytest.mark.parametrize("models", ["four", "six"])
+@pytest.mark.parametrize("models", ["four", "six", "four26"])
 def test_exports_take_the_model_channels(models, request):
     models = request.getfixturevalue(models)
     onnx = pytest.importorskip("onnx")
@@ -125,7 +137,9 @@ def test_exports_take_the_model_channels(models, request):
 
 
 # --------------------------------------------------------------------------------------------------------- predict
-def test_predict_on_pairs_same_boxes_in_every_format(four, six):
+@pytest.mark.parametrize("models", ["four", "four26"])
+def test_predict_on_pairs_same_boxes_in_every_format(models, request):
+    four = request.getfixturevalue(models)
     images = [str(p) for p in four.images[:3]]
     results = {fmt: predict(four.weights[fmt], images) for fmt in FORMATS}
     for r, image in zip(results["pt"], images):
@@ -137,13 +151,18 @@ def test_predict_on_pairs_same_boxes_in_every_format(four, six):
     assert max(float(r.boxes.xyxy[:, 2].max()) for r in results["pt"]) > IMGSZ, "boxes in the frame's pixels"
     for fmt in FORMATS[1:]:
         assert_same_boxes(results["pt"], results[fmt], f"{fmt} vs pt")
+    if models != "four":
+        return
     # The 6-channel model reads each IR file as 3 channels (the model says 6) and predicts what the 4-channel one does.
+    six = request.getfixturevalue("six")
     for fmt in FORMATS:
         assert_same_boxes(results["pt"], predict(six.weights[fmt], [str(p) for p in six.images[:3]]), f"6-ch {fmt}")
 
 
-def test_predict_reads_the_ir_frame(four, tmp_path):
+@pytest.mark.parametrize("models", ["four", "four26"])
+def test_predict_reads_the_ir_frame(models, request, tmp_path):
     """The same RGB frame with a black IR frame gives other predictions: the IR file reaches the network."""
+    four = request.getfixturevalue(models)
     rgb = four.images[0]
     dark = tmp_path / "images" / rgb.name
     dark.parent.mkdir(parents=True)
@@ -158,7 +177,9 @@ def test_predict_reads_the_ir_frame(four, tmp_path):
         assert a.shape != b.shape or not torch.allclose(a, b, rtol=0.01), f"{fmt}: the IR frame made no difference"
 
 
-def test_paired_video_same_boxes_in_every_format_and_saved_side_by_side(four, tmp_path):
+@pytest.mark.parametrize("models", ["four", "four26"])
+def test_paired_video_same_boxes_in_every_format_and_saved_side_by_side(models, request, tmp_path):
+    four = request.getfixturevalue(models)
     video = paired_video(four, tmp_path / "clip")
     results = {}
     for fmt in FORMATS:
@@ -241,7 +262,9 @@ def test_predict_on_a_stacked_tensor(four):
 
 
 # -------------------------------------------------------------------------------------------------- saved results
-def test_saved_prediction_is_rgb_and_ir_side_by_side(four, tmp_path):
+@pytest.mark.parametrize("models", ["four", "four26"])
+def test_saved_prediction_is_rgb_and_ir_side_by_side(models, request, tmp_path):
+    four = request.getfixturevalue(models)
     image = four.images[0]
     (r,) = predict(four.weights["onnx"], str(image), save=True, project=str(tmp_path), name="wide")
     h, w = r.orig_shape
@@ -276,7 +299,7 @@ def test_pair_results_draw_each_box_on_both_halves():
 
 
 # ------------------------------------------------------------------------------------------------------------- val
-@pytest.mark.parametrize("models", ["four", "six"])
+@pytest.mark.parametrize("models", ["four", "six", "four26"])
 def test_val_parity_across_formats(models, request, tmp_path):
     models = request.getfixturevalue(models)
     metrics, predictions = {}, {}

@@ -195,8 +195,8 @@ def test_pretrained_start_computes_what_the_stock_model_computes(family, fusion,
     with torch.no_grad():
         expected, got = tensors(theirs(rgb)), tensors(ours(torch.cat([rgb, ir], 1)))
     assert len(expected) == len(got) > 0
-    for a, b in zip(expected, got):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    for a, b in zip(expected, got):  # relative to each output's scale: a barely trained model's features are ~0.01
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
 
 
 def test_checkpoint_of_another_family_or_scale_is_refused_in_one_line(stock_weights):

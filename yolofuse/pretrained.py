@@ -1,10 +1,13 @@
 """Start a fused RGB+IR model from a pretrained single-stream Ultralytics detection checkpoint (e.g. yolov8n.pt).
 
-Which fused layer takes which checkpoint layer is read from the two model definitions (their yaml layer lists):
-- each `Modality` layer starts a stream, and the stream's layers must repeat the checkpoint's backbone, layer for
-  layer (module, repeats, args, inputs); a model without `Modality` layers (early fusion) has one backbone from layer 0;
-- a `Concat` of the two streams at the same depth, followed by a 1x1 `Conv`, is a fusion layer: the neck reads it
-  where the checkpoint's neck reads that depth of its backbone;
+Which fused layer takes which checkpoint layer is read from the two model definitions (their yaml layer lists), the
+same way for the project's hand-written yamls and for those `yolofuse.fuse` makes from any stock family:
+- each `Modality` layer starts a stream, and the stream's layers must repeat the checkpoint's backbone from its first
+  layer, layer for layer (module, repeats, args, inputs), all of it (mid fusion) or up to a fusion (p3); a model
+  without `Modality` layers (early fusion) has one backbone from layer 0;
+- a `Concat` of the two streams at the same depth, followed by a 1x1 `Conv`, is a fusion layer: what follows reads it
+  where the checkpoint reads that depth of its backbone; backbone layers after the fusions go on with the
+  checkpoint's next backbone layer (p3);
 - the layers after the backbone must repeat the checkpoint's neck and head, reading the same inputs.
 
 Then each checkpoint layer is put at the index of its fused counterpart(s), and stock `DetectionModel.load` matches
