@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from yolofuse import checkpoint
 from yolofuse.archive import (
     ARCHIVE_SUFFIX,
     ArchiveError,
@@ -40,13 +41,12 @@ from yolofuse.archive import (
     same_content,
     write_archive,
 )
-from yolofuse.lock import CLEANUP_LOCK_NAME, FolderLock, LockedError, is_locked
+from yolofuse.checkpoint import EXP_NAME, TRASH_NAME, CheckpointError
+from yolofuse.lock import CleanupLock, LockedError, is_locked
 
 log = logging.getLogger("cleanup")
 
 ROOT = Path(__file__).resolve().parent
-EXP_NAME = re.compile(r"exp\d+")  # the only folder names that may ever be pruned
-TRASH_NAME = ".trash"
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # UTC in the trash entry's name: its age survives copies and touches
 MAP_COLUMN = "metrics/mAP50(B)"
 GB = 1e9
@@ -62,7 +62,7 @@ class Candidate:
 
     path: Path
     number: int
-    ctime: float
+    made_at: float  # when its run was made (checkpoint.made_at): what "newest" and "older than" go by
     size: int
     map50: float | None
     map_source: str  # where map50 came from, or why there is none
@@ -125,11 +125,6 @@ def dir_size(path) -> int:
     return total
 
 
-def _ctime(path) -> float:
-    """st_ctime of `path` itself; a function so tests can fake the order without sleeping."""
-    return os.lstat(path).st_ctime
-
-
 def _free_bytes(path) -> int:
     """Free space on the disk holding `path`; a function so tests can fake a full disk."""
     return shutil.disk_usage(path).free
@@ -141,7 +136,9 @@ def map50_from_csv(csv_path) -> tuple[float | None, str]:
         return None, "results.csv missing"
     try:
         # usecols keeps the parse fast; strip() because old versions padded the header with spaces
-        df = pd.read_csv(csv_path, usecols=lambda c: c.strip() == MAP_COLUMN, on_bad_lines="skip", engine="c")
+        df = pd.read_csv(
+            csv_path, usecols=lambda c: c.strip() == MAP_COLUMN, on_bad_lines="skip", encoding_errors="replace"
+        )
     except Exception as e:  # pandas raises many kinds for a damaged file
         return None, f"results.csv unreadable ({type(e).__name__})"
     if df.shape[1] == 0:
@@ -153,19 +150,18 @@ def map50_from_csv(csv_path) -> tuple[float | None, str]:
 
 
 def map50_from_checkpoint(pt_path) -> tuple[float | None, str]:
-    """mAP50 stored by Ultralytics in a checkpoint's `train_metrics`.
-
-    Unpickling the model imports `yolofuse.nn` by its module path, which registers the fusion layer."""
+    """mAP50 stored by Ultralytics in a checkpoint's `train_metrics`. Loading it (torch, only here: the CLI stays fast
+    when every results.csv is fine) imports `yolofuse.nn` by its module path, which registers the fusion layer."""
     if not os.path.isfile(pt_path):
         return None, "weights/best.pt missing"
-    import torch  # only here: the CLI stays fast when every results.csv is fine
-
     try:
-        ckpt = torch.load(pt_path, map_location="cpu", weights_only=False)
-        value = float(ckpt["train_metrics"][MAP_COLUMN])
-    except Exception as e:  # a bad pickle can raise almost anything
-        reason = (str(e).splitlines() or [""])[0][:80]
-        return None, f"weights/best.pt unreadable ({type(e).__name__}: {reason})"
+        ckpt = checkpoint.load(pt_path)
+    except CheckpointError as e:
+        return None, str(e)
+    try:
+        value = float((ckpt.get("train_metrics") or {})[MAP_COLUMN])
+    except (KeyError, TypeError, ValueError):
+        value = math.nan
     if math.isnan(value):
         return None, "weights/best.pt has no mAP50 number"
     return value, "weights/best.pt"
@@ -183,30 +179,36 @@ def best_map50(exp_dir) -> tuple[float | None, str]:
     return None, f"{csv_why}; {pt_why}"
 
 
-def read_candidate(path: Path) -> Candidate:
+def read_candidate(path: Path, made_at: float, archiving_into: Path | None) -> Candidate:
     map50, map_source = best_map50(path)
     return Candidate(
         path=path,
         number=int(path.name[3:]),
-        ctime=_ctime(path),
+        made_at=made_at,
         size=dir_size(path),
         map50=map50,
         map_source=map_source,
         has_keep=os.path.lexists(path / ".keep"),
-        in_use=is_locked(path),
+        in_use=is_locked(path) or path == archiving_into,  # a training there, or a launch to finish its archive
     )
 
 
 def find_candidates(runs_dir) -> list[Candidate]:
-    """Real `exp<N>` folders directly inside `runs_dir`; nothing else is ever pruned."""
+    """Real `exp<N>` folders directly inside `runs_dir` that hold a run; nothing else is ever pruned."""
     candidates = []
+    archiving_into = checkpoint.archive_pending(runs_dir)
     with os.scandir(runs_dir) as entries:
         for entry in entries:
             if EXP_NAME.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                path = Path(entry.path)
                 try:
-                    candidates.append(read_candidate(Path(entry.path)))
+                    made_at = checkpoint.made_at(path)
+                    if made_at is None:
+                        log.info(f"{path}  left alone: no run in it (no results.csv, args.yaml or weights/)")
+                        continue
+                    candidates.append(read_candidate(path, made_at, archiving_into))
                 except OSError as e:  # vanished, or its lock unreadable: what we can't judge, we leave alone
-                    log.warning(f"{entry.path}  left alone: {e}")
+                    log.warning(f"{path}  left alone: {e}")
     return candidates
 
 
@@ -219,11 +221,11 @@ def decide(
     candidates, keep_latest: int, map_whitelist: float, min_age: float | None = None, now: float = 0.0
 ) -> dict[Path, str]:
     """Reason for each candidate's fate; the first reason that applies wins, in the order written below.
-    With `min_age` (seconds), experiments younger than that (by ctime, at `now`) are kept too."""
+    Age is the time the run was made; with `min_age` (seconds), experiments younger than that at `now` are kept too."""
     if keep_latest < 0:
         raise ValueError(f"keep_latest must be >= 0, got {keep_latest}")
     # ties: larger N is newer; a kept-for-another-reason candidate still takes its place among the newest
-    by_age = sorted(candidates, key=lambda c: (c.ctime, c.number), reverse=True)
+    by_age = sorted(candidates, key=lambda c: (c.made_at, c.number), reverse=True)
     newest = {c.path for c in by_age[:keep_latest]}
     reasons = {}
     for c in candidates:
@@ -235,7 +237,7 @@ def decide(
             reasons[c.path] = "kept: newest"
         elif c.map50 is not None and c.map50 >= map_whitelist:
             reasons[c.path] = f"kept: whitelisted mAP50={c.map50:.3g}"
-        elif min_age is not None and now - c.ctime < min_age:
+        elif min_age is not None and now - c.made_at < min_age:
             reasons[c.path] = f"kept: younger than {format_age(min_age)}"
         else:
             reasons[c.path] = "trashed"
@@ -389,7 +391,7 @@ def _trash_note(c: Candidate, map_whitelist: float) -> str:
 def cleanup_lock(runs_dir: Path, wait: float):
     """Hold `runs_dir/.cleanup.lock` and yield True, or yield False (one log line) when another cleanup keeps it
     longer than `wait` seconds."""
-    lock = FolderLock(runs_dir, CLEANUP_LOCK_NAME)
+    lock = CleanupLock(runs_dir)
     try:
         try:
             lock.acquire()
@@ -477,20 +479,25 @@ def _trash_unneeded(candidates, reasons, trash_dir, now, map_whitelist, trash, r
 
 
 def _empty_trash(trash, runs_dir, now, trash_hours, min_free_gb, purge_all, archive_dir, report) -> None:
-    """Purge (or archive, then remove) the trash entries that are due, oldest first."""
+    """Purge (or archive, then remove) the trash entries that are due, oldest first.
+
+    With `archive_dir`, an entry is never removed unarchived, not even when the disk is low: if the archive folder is
+    unavailable (not mounted, full), the entry stays, and below `min_free_gb` one warning says how much is kept."""
     dry_run = report.dry_run
-    if archive_dir is not None and not is_real_dir(archive_dir):
+    archive_ok = archive_dir is None or is_real_dir(archive_dir)
+    if not archive_ok:
         log.warning(f"{archive_dir}  is not a folder (not mounted?): nothing archived this time; create it or fix it")
-        return
     free = free_before = _free_bytes(runs_dir)  # queried once then counted up, so a dry run computes the same
+    kept_unarchived = 0
     for entry in sorted(trash, key=lambda e: e.stamp):
         why = why_purge(entry, now, trash_hours, free, min_free_gb, purge_all)
         if why is None:
             continue
         if archive_dir is not None:
-            archive = archive_entry(entry, Path(archive_dir), dry_run)
+            archive = archive_entry(entry, Path(archive_dir), dry_run) if archive_ok else None
             if archive is None:
-                continue  # logged; the entry stays in the trash
+                kept_unarchived += entry.size  # logged; the entry stays in the trash
+                continue
             done, what, note = report.archived, "archived", f" to {archive} ({why})"
         else:
             done, what, note = report.purged, "purged", f" ({why})"
@@ -501,10 +508,17 @@ def _empty_trash(trash, runs_dir, now, trash_hours, min_free_gb, purge_all, arch
             done.append((entry.path, entry.size, what))
             _log_decision(dry_run, entry.path, entry.size, what, note)
     if free_before < min_free_gb * GB:
-        log.info(
+        low = (
             f"{'[dry run] ' if dry_run else ''}low disk: {human_size(free_before)} free < {min_free_gb:g} GB, "
             f"freed {human_size(report.bytes_freed)}, {human_size(free)} free now"
         )
+        if kept_unarchived:
+            log.warning(
+                f"{low}; {human_size(kept_unarchived)} of trash kept because ARCHIVE_DIR {archive_dir} is unavailable "
+                f"(see above): mount or fix it, or set ARCHIVE_DIR=None to have the trash deleted instead"
+            )
+        else:
+            log.info(low)
 
 
 # --- in training ------------------------------------------------------------------------------------------------
@@ -657,13 +671,19 @@ def main(argv=None) -> int:
 
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     runs_dir = args.runs_dir.absolute()  # relative to the cwd; absolute so the log says where
+    if not runs_dir.is_dir():  # a cron job must notice a wrong or unmounted folder
+        print(f"error: {runs_dir} is not a folder; name the runs folder (RUNS_DIR), or create it", file=sys.stderr)
+        return 1
     if args.restore is not None:
         try:
-            target = restore(args.restore, runs_dir)
+            target = restore(args.restore, runs_dir, args.archive_to, args.backup_to, lock_wait=CLI_LOCK_WAIT_S)
         except (RestoreError, OSError, tarfile.TarError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"Restored {args.restore} to {target}. Add {target / '.keep'} so that cleanup leaves it alone.")
+        print(
+            f"Restored {args.restore} to {target}. It keeps the age of its run, so cleanup may prune it again: "
+            f"add {target / '.keep'} to keep it."
+        )
         return 0
     report = prune(
         runs_dir,

@@ -122,11 +122,13 @@ def main() -> int:
     cleanup.log.addHandler(logging.StreamHandler(sys.stdout))  # each pruning decision, one line
     cleanup.log.setLevel(logging.INFO)
     runs_dir, data = resolve(RUNS_DIR), resolve(DATA)
+    archive_dir, backup_dir = (resolve(d) if d else None for d in (ARCHIVE_DIR, BACKUP_DIR))
     last = runs_dir / "weights" / "last.pt"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a pre-empted node stops like Ctrl+C
     with RunLock(runs_dir):
         if checkpoint.archive_pending(runs_dir):  # a previous launch died while archiving: finish that first
-            print(f"Finished archiving the previous run into {checkpoint.archive_run(runs_dir)}.")
+            target = checkpoint.archive_run(runs_dir, archive_dir, backup_dir)
+            print(f"Finished archiving the previous run into {target}.")
         found = checkpoint.probe(last, EPOCHS)
         print(found.message)
         # Decide everything before changing anything: a refusal below leaves the run folder as it was.
@@ -148,10 +150,9 @@ def main() -> int:
             if fresh.weights:  # refuses, in one line, a checkpoint that does not fit the model
                 pretrained.check(fresh.weights, fresh.cfg)
         if found.state in ("finished", "corrupt"):
-            print(f"Archived the previous run as {checkpoint.archive_run(runs_dir)}.")
+            print(f"Archived the previous run as {checkpoint.archive_run(runs_dir, archive_dir, backup_dir)}.")
         elif found.state == "unfinished" and found.checkpoint != last:
             checkpoint.restore_previous(last)
-        archive_dir, backup_dir = (resolve(d) if d else None for d in (ARCHIVE_DIR, BACKUP_DIR))
         pruning = cleanup.make_callback(
             runs_dir, KEEP_LATEST, MAP_WHITELIST, CLEANUP_EVERY, MIN_FREE_GB, TRASH_HOURS, archive_dir, backup_dir
         )

@@ -38,7 +38,7 @@ def main() -> None:
         shutil.copyfile(BEST, best)
         rows = {".pt (rectangular batches, the default)": val(best, rect=True), ".pt, rect=False": val(best, False)}
         for fmt in FORMATS:
-            options = {"simplify": False} if fmt == "onnx" else {}  # onnxslim is optional (README, Use the model)
+            options = {"simplify": False} if fmt == "onnx" else {}  # onnxslim is optional (docs/use.md)
             exported = YOLO(str(best)).export(format=fmt, imgsz=IMGSZ, **options)
             rows[fmt] = val(Path(exported), rect=False)
     square = rows[".pt, rect=False"]

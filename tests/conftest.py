@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny copy of the bundled demo dataset, and a way to run train_dual.py as a user would."""
+"""Shared fixtures: a tiny copy of the bundled demo dataset, a model trained on it, and a way to run train_dual.py as
+a user would."""
 
 import os
 import shutil
@@ -7,7 +8,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import cv2
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +72,49 @@ def stock_weights(tmp_path_factory):
     return get
 
 
+def train_demo(tmp: Path, model: Path) -> SimpleNamespace:
+    """A 4-channel model of the yaml `model` trained on the 64 demo train pairs at imgsz 64 for 13 epochs, about 200
+    optimizer steps: the fewest that give a model whose predictions depend on its input (mAP50 about 0.2 on the 4 val
+    pairs). A 2-epoch model predicts the same frame-sized boxes whatever the pair: checks on it could not fail.
+    `data`: its data yaml; `pt`: its best.pt. Copy `pt` elsewhere before writing beside it (test_export does)."""
+    from yolofuse import YOLO
+
+    data = make_dataset(tmp / "data", n_train=64, n_val=4)
+    settings = dict(imgsz=64, batch=4, nbs=4, workers=0, device="cpu", cache="ram", mosaic=0.0, close_mosaic=0)
+    # val and save only after the last epoch: their per-epoch cost is most of a short run's time
+    YOLO(str(model)).train(
+        data=str(data), epochs=13, save_dir=str(tmp / "run"), exist_ok=True, val=False, save=False, **settings
+    )
+    return SimpleNamespace(data=data, pt=tmp / "run" / "weights" / "best.pt")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """yolov8n-fuse.yaml, trained by `train_demo`."""
+    return train_demo(tmp_path_factory.mktemp("trained"), ROOT / "yolov8n-fuse.yaml")
+
+
+@pytest.fixture(scope="session")
+def trained26(tmp_path_factory) -> SimpleNamespace:
+    """YOLO26n made RGB+IR (mid fusion: two stock YOLO26n backbones, its neck and end-to-end head), trained by
+    `train_demo`."""
+    from yolofuse import fuse
+
+    tmp = tmp_path_factory.mktemp("trained26")
+    return train_demo(tmp, fuse.write(fuse.resolve(Path("yolo26n.yaml"), "mid"), tmp))
+
+
+def write_video(path: Path, frames: list[np.ndarray]) -> Path:
+    """An MJPG .avi at 10 fps of the frames (BGR or gray), as a camera would record them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for frame in frames:
+        writer.write(frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
 def train_dual_cmd(*settings: str) -> list[str]:
     return [sys.executable, str(ROOT / "train_dual.py"), *FAST, *settings]
 
@@ -83,16 +130,24 @@ def run_train_dual(*settings: str, timeout: int = 600, **kwargs) -> subprocess.C
     return subprocess.run(train_dual_cmd(*settings), capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
 
+def set_made_at(exp: Path, when: float) -> None:
+    """Date the run in `exp` to `when` (seconds since the epoch): the mtimes of its results.csv, args.yaml, weights/
+    and the files in it, which cleanup reads an experiment's age from."""
+    for path in (exp / "results.csv", exp / "args.yaml", *(exp / "weights").glob("*"), exp / "weights"):
+        if path.exists():
+            os.utime(path, (when, when), follow_symlinks=False)
+
+
 def make_old_experiments(runs: Path) -> None:
-    """exp1..exp5 in runs, created in that order (exp5 newest by ctime): exp2 has best mAP50 0.95, exp3 a .keep, the
-    rest mAP50 0.1; and exp5_best, a renamed experiment that is never a cleanup candidate."""
+    """exp1..exp5 in runs, made an hour apart in that order (exp5 the newest): exp2 has best mAP50 0.95, exp3 a .keep,
+    the rest mAP50 0.1; and exp5_best, a renamed experiment that is never a cleanup candidate."""
     for n, (map50, keep) in enumerate([(0.1, False), (0.95, False), (0.1, True), (0.1, False), (0.1, False)], 1):
         exp = runs / f"exp{n}"
         exp.mkdir(parents=True)
         (exp / "results.csv").write_text(f"epoch,metrics/mAP50(B)\n1,{map50}\n")
         if keep:
             (exp / ".keep").touch()
-        time.sleep(0.02)  # distinct ctimes for the real filesystem
+        set_made_at(exp, time.time() - (6 - n) * 3600)
     (runs / "exp5_best").mkdir()
 
 

@@ -1,4 +1,5 @@
-"""cleanup.py on real folder trees in tmp_path; clock, ctime and free space are faked, nothing sleeps."""
+"""cleanup.py on real folder trees in tmp_path; the clock and free space are faked, experiments are dated by their
+files' mtimes (set_made_at)."""
 
 import copy
 import errno
@@ -20,11 +21,11 @@ from types import SimpleNamespace
 import cloudpickle
 import pytest
 import torch
-from conftest import run_train_dual
+from conftest import killer_cmd, run_train_dual, set_made_at
 
 import cleanup
 import yolofuse.archive
-from yolofuse.lock import RunLock
+from yolofuse.lock import CleanupLock, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 HOUR = 3600.0
@@ -65,9 +66,10 @@ def make_exp(runs, name, maps=(0.3, 0.4), payload=1000):
     return exp
 
 
-def fake_ctimes(monkeypatch, ctimes):
-    """ctime by folder name (it can't be set on disk, and sleeping between mkdirs is slow and flaky)."""
-    monkeypatch.setattr(cleanup, "_ctime", lambda path: ctimes[Path(path).name])
+def date_runs(runs, made_at):
+    """Date each experiment's run: {folder name: seconds since the epoch}."""
+    for name, when in made_at.items():
+        set_made_at(runs / name, when)
 
 
 def fake_free(monkeypatch, free_bytes):
@@ -151,17 +153,40 @@ def test_live_run_files_at_the_top_are_untouched(runs):
 # --- what is kept -----------------------------------------------------------------------------------------------
 
 
-def test_newest_by_ctime_are_kept_not_highest_n(runs, monkeypatch):
+def test_newest_by_the_time_their_run_was_made_are_kept_not_highest_n(runs):
     for n in range(1, 6):
         make_exp(runs, f"exp{n}")
     # exp2 is the newest although its N is small; exp4 and exp5 tie, so the larger N (exp5) counts as newer
-    fake_ctimes(monkeypatch, {"exp1": 100, "exp2": 500, "exp3": 300, "exp4": 400, "exp5": 400})
+    date_runs(runs, {"exp1": 100, "exp2": 500, "exp3": 300, "exp4": 400, "exp5": 400})
 
     report = prune(runs, keep_latest=2, map_whitelist=2.0, now=T0)
 
     assert [(Path(p).name, r) for p, _, r in report.kept] == [("exp2", "kept: newest"), ("exp5", "kept: newest")]
     assert names(report.trashed) == ["exp1", "exp3", "exp4"]
     assert sorted(p.name for p in runs.iterdir() if p.name.startswith("exp")) == ["exp2", "exp5"]
+
+
+def test_adding_touching_or_removing_a_file_in_an_old_experiment_never_makes_it_newer(runs):
+    """The README says to add a .keep to an experiment to keep; notes files get added and removed. None of that is
+    the run: the newest experiments stay the newest."""
+    for n in range(1, 6):
+        make_exp(runs, f"exp{n}")
+    date_runs(runs, {f"exp{n}": T0 - (6 - n) * HOUR for n in range(1, 6)})
+    (runs / "exp6").mkdir()  # made by hand, no run in it: its age can't be told, and it is left alone
+    (runs / "exp6" / "notes.txt").write_text("ideas")
+    time.sleep(0.05)  # what follows happens later, as it would for a user
+    (runs / "exp1" / ".keep").touch()
+    (runs / "exp2" / "notes.txt").write_text("lr 0.01 was too high")
+    (runs / "exp3" / "notes.txt").write_text("to delete")
+    (runs / "exp3" / "notes.txt").unlink()
+    os.utime(runs / "exp2")  # a touch of the folder itself
+
+    report = prune(runs, keep_latest=2, map_whitelist=2.0, now=T0)
+
+    kept = {Path(p).name: r for p, _, r in report.kept}
+    assert kept == {"exp1": "kept: .keep", "exp4": "kept: newest", "exp5": "kept: newest"}
+    assert names(report.trashed) == ["exp2", "exp3"]
+    assert (runs / "exp6" / "notes.txt").read_text() == "ideas"
 
 
 def test_whitelist_reads_best_map50_from_results_csv(runs):
@@ -253,19 +278,43 @@ def test_keep_file_is_honoured(runs):
     assert names(report.trashed) == ["exp2"]
 
 
-def test_a_run_locked_by_a_live_training_is_kept(runs):
+def test_an_experiment_a_live_training_runs_in_is_kept(runs, tiny_data):
+    """A training launched with RUNS_DIR=runs/exp1 (paused in its first epoch) holds exp1/.train.lock: exp1 stays."""
     exp = make_exp(runs, "exp1")
-    with RunLock(exp):
+    ready = runs.parent / "ready"
+    env = {**os.environ, "KILLER_PAUSE_EPOCH": "0", "KILLER_READY": str(ready)}
+    command = killer_cmd(f"RUNS_DIR={exp}", f"DATA={tiny_data}", "EPOCHS=2")
+    training = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert training.poll() is None, training.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the training did not reach its first epoch"
+            time.sleep(0.05)
         report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
         assert [(Path(p).name, r) for p, _, r in report.kept] == [("exp1", "kept: in use")]
-        assert exp.is_dir()
-    report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)  # lock released: fair game
+        assert (exp / "weights").is_dir()
+    finally:
+        training.kill()
+        training.wait()
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)  # the training is gone: fair game
     assert names(report.trashed) == ["exp1"]
 
 
+def test_a_half_archived_experiment_is_left_for_the_launcher_to_finish(runs):
+    """A launch killed while archiving leaves RUNS_DIR/.archiving naming the expN it was moving into; the next
+    launch finishes the move there, so cleanup must not take that folder meanwhile."""
+    make_exp(runs, "exp1")
+    make_exp(runs, "exp2")
+    (runs / ".archiving").write_text("exp2")
+    report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)
+    assert names(report.trashed) == ["exp1"] and (runs / "exp2").is_dir()
+    assert [(Path(p).name, r) for p, _, r in report.kept] == [("exp2", "kept: in use")]
+
+
 def test_decide_applies_reasons_in_order():
-    def cand(n, ctime, map50=None, keep=False, in_use=False):
-        return cleanup.Candidate(Path(f"exp{n}"), n, ctime, 0, map50, "test", keep, in_use)
+    def cand(n, made_at, map50=None, keep=False, in_use=False):
+        return cleanup.Candidate(Path(f"exp{n}"), n, made_at, 0, map50, "test", keep, in_use)
 
     cands = [
         cand(1, 10, map50=0.9, keep=True, in_use=True),  # in use beats everything
@@ -382,6 +431,23 @@ def test_low_disk_purges_the_trash_oldest_first_at_once(runs, monkeypatch, caplo
     assert any("low disk" in m and cleanup.human_size(report.bytes_freed) in m for m in caplog.messages)
 
 
+def test_low_disk_with_the_archive_unavailable_keeps_the_trash_and_says_so(runs, archive_dir, monkeypatch, caplog):
+    """With ARCHIVE_DIR set, the trash is never deleted unarchived, not even for a full disk: one warning per pass
+    says how much is kept, why, and what to do."""
+    entry = trash_one(runs)
+    size = cleanup.dir_size(entry)
+    fake_free(monkeypatch, 1000)  # 1 kB free, on the runs disk and in the archive folder
+    for archive in (archive_dir / "nas", archive_dir):  # not mounted; then mounted, but full
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cleanup"):
+            report = prune(runs, now=T0 + HOUR, archive_dir=archive)
+        assert report.archived == report.purged == [] and entry.is_dir()
+        [line] = [r for r in caplog.records if "low disk" in r.getMessage()]
+        assert line.levelno == logging.WARNING
+        for text in ("1.0 kB free < 5 GB", f"{cleanup.human_size(size)} of trash kept", str(archive), "ARCHIVE_DIR"):
+            assert text in line.getMessage(), line.getMessage()
+
+
 def test_deletion_errors_are_logged_and_skipped(runs, monkeypatch, caplog):
     make_exp(runs, "exp1")
     make_exp(runs, "exp2")
@@ -411,7 +477,7 @@ def test_deletion_errors_are_logged_and_skipped(runs, monkeypatch, caplog):
 def test_dry_run_reports_the_same_and_changes_nothing(runs, monkeypatch):
     for n in range(1, 5):
         make_exp(runs, f"exp{n}")
-    fake_ctimes(monkeypatch, {f"exp{n}": n for n in range(1, 5)})
+    date_runs(runs, {f"exp{n}": n for n in range(1, 5)})
     prune(runs, keep_latest=3, map_whitelist=2.0, now=T0)  # exp1 into the trash, old by T0 + 48 h
     fake_free(monkeypatch, 0)  # low disk too: the dry run must not purge for it either
     before = listing(runs)
@@ -566,6 +632,19 @@ def test_cli_reads_train_dual_without_importing_it(tmp_path):
     )
     with pytest.raises(SystemExit, match=f"{source} has no constant ARCHIVE_DIR"):
         cleanup.train_dual_settings("RUNS_DIR", "ARCHIVE_DIR", source=source)
+
+
+def test_cli_on_a_missing_folder_fails_in_one_line(tmp_path):
+    """A cron job notices: exit status 1, one line on stderr naming the folder."""
+    missing = tmp_path / "no" / "such"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cleanup.py"), str(missing), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and str(missing) in result.stderr and not missing.exists()
 
 
 def test_cli_dry_run_then_real_run(runs):
@@ -805,7 +884,7 @@ def copies(backup):
 
 def test_backup_copies_the_kept_models_once(runs, backup_dir, monkeypatch, caplog):
     kept_runs(runs)
-    fake_ctimes(monkeypatch, {f"exp{n}": n for n in range(1, 5)})
+    date_runs(runs, {f"exp{n}": n for n in range(1, 5)})
 
     report = prune(runs, keep_latest=1, map_whitelist=0.9, now=T0, backup_dir=backup_dir)
 
@@ -895,12 +974,12 @@ def test_a_hung_backup_folder_holds_training_no_longer_than_the_budget(runs, bac
 def test_cleanup_lock_makes_the_second_cleanup_wait_or_skip(runs, caplog):
     make_exp(runs, "exp1")
     with caplog.at_level(logging.INFO, logger="cleanup"):
-        with cleanup.FolderLock(runs, ".cleanup.lock"):  # another cleanup holds it (flock: another open file)
+        with CleanupLock(runs):  # another cleanup holds it (flock: another open file)
             report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0)  # the callback's way: no wait
             assert report.skipped and report.trashed == [] and (runs / "exp1").is_dir()
             assert any("cleanup skipped, another cleanup is running" in m for m in caplog.messages)
 
-        holder = cleanup.FolderLock(runs, ".cleanup.lock").acquire()
+        holder = CleanupLock(runs).acquire()
         threading.Timer(0.3, holder.release).start()  # the other cleanup ends soon
         report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0, lock_wait=10)
     assert not report.skipped and names(report.trashed) == ["exp1"]
@@ -1031,14 +1110,35 @@ def test_restore_from_the_command_line_says_one_line_and_fails(runs, tmp_path):
     assert list(runs.iterdir()) == [] and not (tmp_path / "escaped.txt").exists()
 
 
+def test_restore_skips_the_numbers_of_archived_and_backed_up_experiments(runs, tmp_path, archive_dir, backup_dir):
+    make_exp(runs, "exp1")
+    (archive_dir / "exp7-20250101T000000Z.tar").write_bytes(b"")
+    (backup_dir / "exp9").mkdir()
+    make_run_tree(tmp_path / "exp2")
+    subprocess.run(["tar", "-cf", str(tmp_path / "exp2.tar"), "-C", str(tmp_path), "exp2"], check=True)
+    out = run_cli("--restore", tmp_path / "exp2.tar", runs, "--archive-to", archive_dir, "--backup-to", backup_dir)
+    assert f"to {runs / 'exp10'}" in out and (runs / "exp10" / "weights" / "best.pt").is_file()
+
+
+def test_restore_waits_for_a_cleanup_then_refuses_in_one_line(runs, tmp_path):
+    make_run_tree(tmp_path / "exp2")
+    subprocess.run(["tar", "-cf", str(tmp_path / "exp2.tar"), "-C", str(tmp_path), "exp2"], check=True)
+    with CleanupLock(runs):  # a cleanup is pruning this runs folder
+        with pytest.raises(yolofuse.archive.RestoreError) as refused:
+            yolofuse.archive.restore(tmp_path / "exp2.tar", runs, lock_wait=0.3)
+    assert "\n" not in str(refused.value) and "run it again" in str(refused.value)
+    assert sorted(p.name for p in runs.iterdir()) == [".cleanup.lock"]  # nothing restored, nothing left half-done
+
+
 def test_restore_takes_a_hand_made_tar_gz_to_the_next_free_exp(runs, tmp_path):
     make_exp(runs, "exp4")
     (runs / "exp9_best").mkdir()
     source = make_run_tree(tmp_path / "exp2")
     subprocess.run(["tar", "-czf", str(tmp_path / "exp2.tar.gz"), "-C", str(tmp_path), "exp2"], check=True)
-    assert yolofuse.archive.restore(tmp_path / "exp2.tar.gz", runs) == runs / "exp5"
-    assert snapshot(runs / "exp5") == snapshot(source)
-    assert sorted(p.name for p in runs.iterdir()) == ["exp4", "exp5", "exp9_best"]
+    # exp9_best is exp9 renamed: its number is still in use
+    assert yolofuse.archive.restore(tmp_path / "exp2.tar.gz", runs) == runs / "exp10"
+    assert snapshot(runs / "exp10") == snapshot(source)
+    assert sorted(p.name for p in runs.iterdir()) == [".cleanup.lock", "exp10", "exp4", "exp9_best"]
 
 
 # --- dry run and age, from the command line ---------------------------------------------------------------------
@@ -1067,7 +1167,7 @@ def test_older_than_spares_young_experiments(runs, monkeypatch):
     for n in range(1, 4):
         make_exp(runs, f"exp{n}")
     day = 86400
-    fake_ctimes(monkeypatch, {"exp1": T0 - 20 * day, "exp2": T0 - 15 * day, "exp3": T0 - 3 * day})
+    date_runs(runs, {"exp1": T0 - 20 * day, "exp2": T0 - 15 * day, "exp3": T0 - 3 * day})
 
     report = prune(runs, keep_latest=0, map_whitelist=2.0, now=T0, min_age=cleanup.parse_age("14d"))
 
@@ -1097,6 +1197,10 @@ def test_train_dual_archives_and_backs_up_with_its_constants(tmp_path, tiny_data
     (old / "weights" / "last.pt").write_bytes(b"old weights")
     best = make_exp(runs, "exp2", maps=(0.95,))
     (best / "weights" / "best.pt").write_bytes(b"the good model")
+    (backup_dir / "exp3" / "weights").mkdir(parents=True)  # the backup of an exp3 gone from RUNS_DIR and its trash
+    (backup_dir / "exp3" / "weights" / "best.pt").write_bytes(b"exp3's model")
+    (runs / "weights").mkdir()
+    (runs / "weights" / "last.pt").write_bytes(b"a broken run, archived before the fresh one starts")
 
     res = run_train_dual(
         f"RUNS_DIR={runs}", f"DATA={tiny_data}", "EPOCHS=1", f"ARCHIVE_DIR={archive_dir}", f"BACKUP_DIR={backup_dir}"
@@ -1108,3 +1212,5 @@ def test_train_dual_archives_and_backs_up_with_its_constants(tmp_path, tiny_data
         assert tar.extractfile("exp1/weights/last.pt").read() == b"old weights"
     assert (backup_dir / "exp2" / "weights" / "best.pt").read_bytes() == b"the good model"
     assert (backup_dir / "exp2" / "results.csv").read_bytes() == (best / "results.csv").read_bytes()
+    assert f"Archived the previous run as {runs / 'exp4'}" in res.stdout  # not exp3: its backup would be overwritten
+    assert (backup_dir / "exp3" / "weights" / "best.pt").read_bytes() == b"exp3's model"

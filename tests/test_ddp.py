@@ -31,7 +31,7 @@ import psutil
 import pytest
 import torch
 from conftest import killer_cmd, make_dataset, make_old_experiments
-from test_train_dual import assert_same_optimizer_state, csv_epochs, load_ckpt, snapshot
+from test_train_dual import assert_same_optimizer_state, csv_epochs, load_ckpt, run_snapshot, snapshot
 
 from yolofuse import checkpoint, replay
 from yolofuse.lock import LOCK_NAME, is_locked
@@ -231,7 +231,7 @@ def group_killed(story, fresh):
         saved=load_ckpt(story.runs / "weights" / "last.pt"),
         exact=replay.load_state(story.runs / "weights" / "last.pt"),
         csv=csv_epochs(story.runs),
-        exp6=snapshot(story.runs / "exp6") if (story.runs / "exp6").is_dir() else {},
+        exp6=run_snapshot(story.runs / "exp6") if (story.runs / "exp6").is_dir() else {},
     )
 
 

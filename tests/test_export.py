@@ -1,11 +1,10 @@
 """Using the trained model outside training: export, then paired predict and val on each format.
 
-CPU only, offline. One 4-channel model is trained on the 64 demo train pairs at imgsz 64 for 13 epochs, about 200
-optimizer steps: the fewest that give a model whose predictions depend on its input (mAP50 about 0.2). A 2-epoch
-model predicts the same frame-sized boxes whatever the pair, so parity and IR checks on it could not fail. The
-6-channel model is made from it by spreading the IR weights of each stream's first conv over three channels: on gray
-IR saved as 3 channels it must predict what the 4-channel model predicts. A YOLO26n made RGB+IR (mid fusion, its
-NMS-free end-to-end head) is trained the same way. All are exported to TorchScript and ONNX.
+CPU only, offline. The 4-channel model is conftest's `trained` (13 epochs at imgsz 64: predictions that depend on
+the input, so parity and IR checks on it can fail). The 6-channel model is made from it by spreading the IR weights
+of each stream's first conv over three channels: on gray IR saved as 3 channels it must predict what the 4-channel
+model predicts. The YOLO26n made RGB+IR (mid fusion, NMS-free end-to-end head) is conftest's `trained26`, trained the
+same way. All are exported to TorchScript and ONNX.
 """
 
 import copy
@@ -19,20 +18,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_dataset
+from conftest import make_dataset, write_video
 from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.utils import LOGGER
 
-from yolofuse import YOLO, DatasetError, fuse
+from yolofuse import YOLO, DatasetError
 from yolofuse.data import ir_path
 from yolofuse.engine import PairResults
 
-MID = ROOT / "yolov8n-fuse.yaml"
 IMGSZ = 64
 CONF = 0.01  # a few boxes per image, each well above the threshold
 FORMATS = ("pt", "torchscript", "onnx")
 FRAMES = 6  # length of the paired test video
-TRAIN = dict(epochs=13, imgsz=IMGSZ, batch=4, nbs=4, workers=0, device="cpu", cache="ram", mosaic=0.0, close_mosaic=0)
 
 
 def export(pt: Path, data: Path, channels: int) -> SimpleNamespace:
@@ -44,24 +41,14 @@ def export(pt: Path, data: Path, channels: int) -> SimpleNamespace:
     return SimpleNamespace(data=data, weights=weights, images=images, channels=channels)
 
 
-def trained(tmp: Path, model: Path) -> SimpleNamespace:
-    data = make_dataset(tmp / "data", n_train=64, n_val=4)
-    # val and save only after the last epoch: their per-epoch cost is most of a short run's time
-    YOLO(str(model)).train(data=str(data), save_dir=str(tmp / "run"), exist_ok=True, val=False, save=False, **TRAIN)
-    return export(tmp / "run" / "weights" / "best.pt", data, 4)
+@pytest.fixture(scope="module")
+def four(trained):
+    return export(trained.pt, trained.data, 4)
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory):
-    return trained(tmp_path_factory.mktemp("four"), MID)
-
-
-@pytest.fixture(scope="module")
-def four26(tmp_path_factory):
-    """YOLO26n, mid fusion: two stock YOLO26n backbones, its neck and end-to-end head."""
-    tmp = tmp_path_factory.mktemp("four26")
-    model = fuse.write(fuse.resolve(Path("yolo26n.yaml"), "mid"), tmp)
-    return trained(tmp, model)
+def four26(trained26):
+    return export(trained26.pt, trained26.data, 4)
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +66,6 @@ def six(four, tmp_path_factory):
     model.yaml["channels"] = 6
     torch.save({**ckpt, "model": model}, tmp / "best6.pt")
     return export(tmp / "best6.pt", data, 6)
-
-
-def write_video(path: Path, frames: list[np.ndarray]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
-    for frame in frames:
-        writer.write(frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
-    writer.release()
-    return path
 
 
 def paired_video(models, root: Path, ir_frames: int = FRAMES) -> Path:
@@ -170,7 +147,8 @@ def test_predict_reads_the_ir_frame(models, request, tmp_path):
     (tmp_path / "imagesIR").mkdir()
     cv2.imwrite(str(ir_path(dark)), np.zeros_like(cv2.imread(str(ir_path(rgb)), cv2.IMREAD_UNCHANGED)))
     for fmt in ("pt", "onnx"):
-        with_ir, without_ir = predict(four.weights[fmt], [str(rgb), str(dark)])
+        by_path = {r.path: r for r in predict(four.weights[fmt], [str(rgb), str(dark)])}  # stock sorts the list
+        with_ir, without_ir = by_path[str(rgb)], by_path[str(dark)]
         assert (without_ir.ir == 0).all() and (with_ir.ir > 0).any()
         assert len(with_ir.boxes)
         a, b = with_ir.boxes.data, without_ir.boxes.data
@@ -308,7 +286,7 @@ def test_val_parity_across_formats(models, request, tmp_path):
             data=str(models.data),
             imgsz=IMGSZ,
             batch=1,
-            rect=False,  # as the fixed-size exports must: stock .pt val pads to rectangles (see README, Use the model)
+            rect=False,  # as the fixed-size exports must: stock .pt val pads to rectangles (see docs/use.md, Val)
             save_txt=True,
             save_conf=True,
             plots=False,
@@ -344,7 +322,7 @@ def test_openvino_where_installed(four):
         assert_rows_found(a[a[:, 5] > 0.05], b, tol=1, what=f"openvino vs pt, image {k}", rtol=0.1)
         assert_rows_found(b[b[:, 5] > 0.05], a, tol=1, what=f"pt vs openvino, image {k}", rtol=0.1)
     # bf16 moves a weak model's borderline boxes across IoU thresholds: its val mAP is checked loosely here (on the
-    # demo's well-trained model OpenVINO is within 0.004 of ONNX: README, Use the model).
+    # demo's well-trained model OpenVINO is within 0.004 of ONNX: docs/use.md).
     kwargs = dict(data=str(four.data), imgsz=IMGSZ, rect=False, plots=False, verbose=False)
     expected, got = YOLO(str(four.weights["pt"])).val(**kwargs).box, YOLO(ov).val(**kwargs).box
     assert got.map50 > 0 and math.isclose(got.map50, expected.map50, abs_tol=0.1), (got.map50, expected.map50)

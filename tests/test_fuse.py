@@ -128,6 +128,13 @@ def test_top_level_keys_are_kept_and_provenance_added():
         )
 
 
+def test_the_run_folder_yaml_is_archived_with_the_run(tmp_path):
+    """train_dual.py writes the model's yaml into the run folder; archiving a finished run takes it along."""
+    written = fuse.write(fuse.resolve(Path("yolo26s.yaml"), "p3"), tmp_path)
+    assert written.name == "model-yolo26s-fuse-p3.yaml" and checkpoint.run_files(tmp_path) == [written]
+    assert yaml_model_load(written)["scale"] == "s", "the scale letter stays in the name, where Ultralytics reads it"
+
+
 @pytest.mark.parametrize(
     "name, says",
     [
@@ -223,7 +230,7 @@ def test_launcher_trains_yolo26n_pt_as_an_rgb_ir_model_from_its_weights(stock_we
     first = subprocess.run(killer_cmd(*settings), capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == -signal.SIGKILL, first.stdout[-2000:] + first.stderr[-2000:]
     assert "Transferred from yolo26n.pt: RGB stream 240/240, IR stream 240/240" in first.stdout
-    written = runs / "yolo26n-fuse.yaml"
+    written = runs / "model-yolo26n-fuse.yaml"
     expected = fuse.fuse(stock("yolo26n.yaml"), "mid")
     assert layers_of(yaml_model_load(written)) == layers_of(expected) and yaml.safe_load(written.read_text())["end2end"]
 
@@ -250,7 +257,7 @@ def test_launcher_fuses_a_stock_yaml_and_a_resume_never_reads_it_again(stock_wei
     assert first.returncode == -signal.SIGKILL, first.stdout[-2000:] + first.stderr[-2000:]
     assert "Transferred from yolo11n.pt: RGB stream 66/66, IR stream 66/66" in first.stdout, first.stdout[-2000:]
     expected = fuse.fuse(stock("yolo11n.yaml"), "p3")
-    assert layers_of(yaml_model_load(runs / "yolo11n-fuse-p3.yaml")) == layers_of(expected)
+    assert layers_of(yaml_model_load(runs / "model-yolo11n-fuse-p3.yaml")) == layers_of(expected)
 
     source.write_text(yaml.safe_dump({k: v for k, v in stock("yolov8n.yaml").items() if k != "yaml_file"}))
     second = run_train_dual(*settings)

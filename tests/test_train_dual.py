@@ -25,7 +25,6 @@ from yolofuse import checkpoint, replay
 from yolofuse.lock import LOCK_NAME, is_locked
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-EXP_NAME = re.compile(r"exp\d+")
 CORRUPT_LAST = re.compile(r"last\.pt\b.*\bcorrupt\b")  # the probe's word (the label scan's "0 corrupt" is not it)
 START_TIMEOUT = 180  # s; a launch reaches its first epochs in ~10 s on a 2-core CPU, allow a busy machine
 
@@ -134,11 +133,16 @@ def snapshot(folder: Path, top_level_runs_only: bool = False) -> dict[str, str]:
     files = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if top_level_runs_only and (rel.parts[0].startswith(".") or EXP_NAME.fullmatch(rel.parts[0])):
+        if top_level_runs_only and (rel.parts[0].startswith(".") or checkpoint.EXP_NAME.fullmatch(rel.parts[0])):
             continue
         if path.is_file():
             files[str(rel)] = sha(path)
     return files
+
+
+def run_snapshot(exp: Path) -> dict[str, str]:
+    """snapshot() of an archived experiment without the `.created` that archiving adds."""
+    return {rel: digest for rel, digest in snapshot(exp).items() if rel != checkpoint.MADE_AT_NAME}
 
 
 def state_files(run: Path) -> dict[str, str]:
@@ -322,6 +326,23 @@ def test_truncated_last_falls_back_to_previous(tmp_path, killed_run):
     assert kept.read_bytes() == torn, "the unreadable last.pt was not kept aside"
 
 
+def test_unreadable_bytes_in_results_csv_are_dropped_and_the_resume_goes_on(tmp_path, killed_run):
+    """A crash can leave bytes that are not UTF-8 in results.csv, and its last row cut short: the resume says so in one
+    line and goes on, and each epoch's row is whole on its own line."""
+    runs, data = copy_of(killed_run, tmp_path / "runs")
+    csv = runs / "results.csv"
+    header, row1, row2 = csv.read_bytes().splitlines(keepends=True)
+    csv.write_bytes(header + row1 + b"\xff\xfe\x00\x9c garbage\n" + row2 + row2[:20])
+
+    res = run_train_dual(*settings_of(runs, data, 3))
+    assert_ok(res)
+    assert "Unfinished run" in res.stdout, tail(res)
+    [line] = [line for line in (res.stdout + res.stderr).splitlines() if str(csv) in line]
+    assert "1 row cut short" in line and "1 unreadable row" in line, line
+    assert csv.read_bytes().startswith(header + row1 + row2) and csv_epochs(runs) == [1, 2, 3]
+    assert pd.read_csv(csv).shape == (3, header.count(b",") + 1)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. A finished run is archived to exp1, a fresh run starts; a crash mid-archive is completed on the next launch
 
@@ -331,20 +352,24 @@ def test_finished_run_is_archived_and_an_interrupted_archive_is_completed(tmp_pa
     assert_ok(run_train_dual(*settings_of(runs, tiny_data, 2)))
     finished = snapshot(runs, top_level_runs_only=True)
     assert "weights/last.pt" in finished and "results.csv" in finished
+    users = {"notes.txt": "lr 0.01 was too high", "baseline_model.pt": "the model I compare against"}
+    for name, text in users.items():  # the user's files beside the run (RUNS_DIR=experiments, say)
+        (runs / name).write_text(text)
 
     res = run_train_dual(*settings_of(runs, tiny_data, 2))
     assert_ok(res)
     assert "Finished run" in res.stdout and "exp1" in res.stdout, tail(res)
     exp1 = runs / "exp1"
     assert (exp1 / "weights" / "best.pt").is_file() and (exp1 / "results.csv").is_file()
-    assert snapshot(exp1) == finished, "the archive is not the finished run, file for file"
+    assert run_snapshot(exp1) == finished, "the archive is not the finished run, file for file"
+    assert all((runs / name).read_text() == text for name, text in users.items()), "the user's files were moved"
     assert csv_epochs(exp1) == [1, 2]
     assert csv_epochs(runs) == [1, 2]  # the new run's own results, from epoch 1
     assert sha(runs / "weights" / "last.pt") != finished["weights/last.pt"]
 
     # Now a launch dies while archiving this second run into exp2: the marker is written, half the files moved.
     second = snapshot(runs, top_level_runs_only=True)
-    items = sorted(p for p in runs.iterdir() if not p.name.startswith(".") and not EXP_NAME.fullmatch(p.name))
+    items = checkpoint.run_files(runs)
     exp2 = runs / "exp2"
     (runs / checkpoint.ARCHIVE_MARKER).write_text("exp2")
     exp2.mkdir()
@@ -356,8 +381,9 @@ def test_finished_run_is_archived_and_an_interrupted_archive_is_completed(tmp_pa
     res = run_train_dual(*settings_of(runs, tiny_data, 1))
     assert_ok(res)
     assert "Finished archiving" in res.stdout and "exp2" in res.stdout, tail(res)
-    assert snapshot(exp2) == second, "files of the half-archived run are missing from exp2"
-    assert snapshot(exp1) == finished
+    second = {rel: digest for rel, digest in second.items() if rel not in users}
+    assert run_snapshot(exp2) == second, "files of the half-archived run are missing from exp2"
+    assert run_snapshot(exp1) == finished
     assert not (runs / checkpoint.ARCHIVE_MARKER).exists()
     assert not (runs / "exp3").exists(), "the rest of the half-archived run went to a new expN"
     assert csv_epochs(runs) == [1]  # then a fresh run

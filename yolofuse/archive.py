@@ -14,7 +14,8 @@ import stat
 import tarfile
 from pathlib import Path
 
-from yolofuse.checkpoint import commit, next_experiment, staged
+from yolofuse.checkpoint import commit, error_line, next_experiment, staged
+from yolofuse.lock import CleanupLock, LockedError
 
 ARCHIVE_SUFFIX = ".tar"  # not .tar.gz: gzip saves ~11% on .pt files at a small fraction of the speed (bench_cleanup)
 
@@ -86,7 +87,7 @@ def check_archive(archive: Path, folder: Path, top: str) -> None:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ArchiveError(f"does not open ({type(e).__name__}: {e})") from None
+        raise ArchiveError(f"does not open ({error_line(e)})") from None
     stored, expected = archive_listing(members, top), folder_listing(folder)
     if stored != expected:
         differ = min(name for name in stored.keys() | expected.keys() if stored.get(name) != expected.get(name))
@@ -166,18 +167,20 @@ def _refusal(member: tarfile.TarInfo, target: Path) -> str | None:
     return None
 
 
-def restore(archive, runs_dir) -> Path:
-    """Unpack `archive` (.tar or .tar.gz) into the next free `expN` of `runs_dir` and return that folder.
+def restore(archive, runs_dir, archive_dir=None, backup_dir=None, lock_wait: float = 0.0) -> Path:
+    """Unpack `archive` (.tar or .tar.gz) into a new `expN` of `runs_dir` and return that folder; N skips the numbers
+    left in `archive_dir` and `backup_dir` too (see `checkpoint.next_experiment`).
 
     Every member is checked before anything is written: an absolute path, a `..` that leaves the target, or a link
-    pointing outside it refuses the whole archive. It is unpacked to a hidden folder first, then renamed."""
+    pointing outside it refuses the whole archive. It is unpacked to a hidden folder first, then renamed, under the
+    runs folder's cleanup lock (waiting up to `lock_wait` seconds for a cleanup to end, else refusing)."""
     archive, runs_dir = Path(archive), Path(runs_dir)
     if not is_real_dir(runs_dir):
         raise RestoreError(f"{runs_dir} is not a folder; create it or name another RUNS_DIR")
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as e:
-        raise RestoreError(f"{archive} is not a readable tar archive ({type(e).__name__}: {e})") from None
+        raise RestoreError(f"{archive} is not a readable tar archive ({error_line(e)})") from None
     unpack = runs_dir / f".restoring-{archive.name}"
     with tar:
         members = tar.getmembers()
@@ -193,10 +196,18 @@ def restore(archive, runs_dir) -> Path:
         try:
             tar.extractall(unpack, filter="data")
             top = _single_top(members)
-            target = next_experiment(runs_dir)
-            if os.path.lexists(target):
-                raise RestoreError(f"{target} appeared meanwhile; run the restore again")
-            os.rename(unpack / top if top else unpack, target)
+            try:
+                lock = CleanupLock(runs_dir).acquire(wait=lock_wait)
+            except LockedError as e:
+                why = f"{runs_dir} is being cleaned up ({e})"
+                raise RestoreError(f"{why}; nothing restored: run it again when that cleanup has ended") from None
+            try:
+                target = next_experiment(runs_dir, *(d for d in (archive_dir, backup_dir) if d is not None))
+                if os.path.lexists(target):
+                    raise RestoreError(f"{target} appeared meanwhile; run the restore again")
+                os.rename(unpack / top if top else unpack, target)
+            finally:
+                lock.release()
         finally:
             shutil.rmtree(unpack, ignore_errors=True)
     return target

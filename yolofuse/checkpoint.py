@@ -1,27 +1,61 @@
-"""Checkpoints that survive a kill at any instant, and the probe that tells what a run folder holds.
+"""Checkpoints that survive a kill at any instant, the probe that tells what a run folder holds, and the run folder's
+other files: results.csv as a resume finds it, and archiving a finished run into `expN`.
 
 Files in `<run>/weights/`: `last.pt` (newest), `last.prev.pt` (the one before, kept until the next is whole),
 `best.pt`. Every write goes to `<stem>.tmp<suffix>`, is fsynced, then renamed over the old file.
 
-torch is imported only where a checkpoint is read or written: tools that only move run folders (cleanup.py) start
-without it.
+torch and Ultralytics are imported only where a checkpoint is read or written or training logs: tools that only move
+run folders (cleanup.py) start without them.
 """
 
+import fnmatch
 import io
 import os
 import pickle
 import re
+import stat
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+
+from yolofuse.lock import CleanupLock, LockedError
 
 PREVIOUS_SUFFIX = ".prev.pt"
 ARCHIVE_MARKER = ".archiving"  # names the expN a half-done archive is moving into
-EXP_NAME = re.compile(r"exp(\d+)")
+EXP_NAME = re.compile(r"exp(\d+)")  # an experiment is exactly `exp<N>`; a name that begins so carries N (exp5_best)
+TRASH_NAME = ".trash"  # cleanup's trash in the runs folder: `exp3-<UTC time>` entries
+MADE_AT_NAME = ".created"  # in an expN: when its run was made (ISO 8601, UTC), written when the run is archived
+ARCHIVE_LOCK_WAIT_S = 60.0  # archiving waits this long for a cleanup of the runs folder to end, then refuses
+
+# What a training run writes at the top of its folder (stock Ultralytics detection training, and this project): the
+# names archiving moves into expN and an experiment's age is read from; nothing else there is the run's. Shell
+# patterns, one a line. `weights` is a folder, the rest are files.
+RUN_FILES = (
+    "weights",  # last.pt, last.prev.pt, best.pt, epochN.pt (save_period), last.pt.corrupt
+    "args.yaml",
+    "model-*.yaml",  # the architecture the run trains (yolofuse.fuse.write)
+    "results.csv",
+    "results.png",
+    "labels.jpg",
+    "train_batch*.jpg",
+    "val_batch*_labels.jpg",
+    "val_batch*_pred.jpg",
+    "confusion_matrix.png",
+    "confusion_matrix_normalized.png",
+    "Box*_curve.png",  # BoxPR, BoxF1, BoxP, BoxR
+    "predictions.json",  # validation with save_json
+    "events.out.tfevents.*",  # TensorBoard, when it is installed
+)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; the message says which file and what to do."""
+
+
+def error_line(e: BaseException) -> str:
+    """`ErrorType: first line of its message` (80 characters at most), for a one-line message about `e`."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
 
 
 def previous_of(path: Path) -> Path:
@@ -75,8 +109,7 @@ def load(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickling garbage, missing class...
-        reason = (str(e).splitlines() or [""])[0][:80]
-        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {reason})") from None
+        raise CheckpointError(f"{path} is corrupt ({error_line(e)})") from None
     if not isinstance(ckpt, dict) or ("ema" not in ckpt and "model" not in ckpt):
         raise CheckpointError(f"{path} is corrupt (not an Ultralytics checkpoint)")
     return ckpt
@@ -132,8 +165,7 @@ def read_member(path: Path, name: str):
             unpickler.persistent_load = tensor_back
             return unpickler.load()
     except Exception as e:
-        reason = (str(e).splitlines() or [""])[0][:80]
-        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {reason}) in its member {name}") from None
+        raise CheckpointError(f"{path} is corrupt ({error_line(e)}) in its member {name}") from None
 
 
 def target_epochs(ckpt: dict, epochs: int) -> int:
@@ -185,57 +217,146 @@ def restore_previous(last: Path) -> None:
     _fsync_dir(last.parent)
 
 
-def run_files(runs_dir: Path) -> list[Path]:
-    """What a training run writes at the top of its folder: `weights/` and the plain files (csv, yaml, plots)."""
-    return sorted(
-        p
-        for p in runs_dir.iterdir()
-        if not p.name.startswith(".") and ((p.is_file() and not p.is_symlink()) or p.name == "weights")
-    )
+# --- the run folder ----------------------------------------------------------------------------------------------
 
 
-def next_experiment(runs_dir: Path) -> Path:
-    numbers = [int(m[1]) for p in runs_dir.iterdir() if (m := EXP_NAME.fullmatch(p.name)) and p.is_dir()]
-    return runs_dir / f"exp{max(numbers, default=0) + 1}"
+def run_files(folder: Path) -> list[Path]:
+    """The run's own entries at the top of `folder` (RUN_FILES); the user's files beside them are not."""
+
+    def is_run_file(path: Path) -> bool:
+        kind = stat.S_ISDIR if path.name == "weights" else stat.S_ISREG  # lstat: a symlink is neither
+        return any(fnmatch.fnmatchcase(path.name, p) for p in RUN_FILES) and kind(os.lstat(path).st_mode)
+
+    return sorted(p for p in Path(folder).iterdir() if is_run_file(p))
 
 
-def archive_pending(runs_dir: Path) -> bool:
-    return (runs_dir / ARCHIVE_MARKER).exists()
+def made_at(folder: Path) -> float | None:
+    """When the run in `folder` was made (seconds since the epoch), or None when it holds no run.
 
-
-def archive_run(runs_dir: Path) -> Path | None:
-    """Move the run at the top of `runs_dir` into the next `expN`; a crash half-way is finished by the next call.
-
-    The marker file names the target before anything moves, so a resumed archive goes on into the same folder.
+    The time `.created` records (written when the run was archived), else the oldest mtime among the run's own files
+    (RUN_FILES and the files in weights/): a time within the run's life, and runs in one folder follow each other.
+    Nothing else in the folder counts, so adding, touching or removing a `.keep` or a notes file never changes it;
+    neither does a copy that resets mtimes, once `.created` is there. The folder's own times change with any of that.
     """
+    folder = Path(folder)
+    try:
+        return datetime.fromisoformat((folder / MADE_AT_NAME).read_text().strip()).timestamp()
+    except (OSError, ValueError):
+        pass  # none (made by another tool or an older launcher), or unreadable: the files tell
+    own = run_files(folder)
+    if folder / "weights" in own:
+        own += (folder / "weights").iterdir()
+    return min((os.lstat(p).st_mtime for p in own), default=None)
+
+
+def next_experiment(runs_dir: Path, *elsewhere) -> Path:
+    """`runs_dir/exp<N>` with N above every number still in use: any name that begins with `exp<N>` in `runs_dir`
+    (exp5_best too) or its trash (`exp3-<time>`), and in the folders `elsewhere` (ARCHIVE_DIR's `exp3-<time>.tar`,
+    BACKUP_DIR's `exp3`). A number is never reused while a trace of its experiment is left, so nothing made for
+    the new experiment lands on the old one's (a backup copy, say). A folder that can't be read adds nothing."""
+    numbers = [0]
+    for folder in (runs_dir, runs_dir / TRASH_NAME, *elsewhere):
+        try:
+            numbers += [int(m[1]) for name in os.listdir(folder) if (m := EXP_NAME.match(name))]
+        except OSError:
+            pass  # absent, or not mounted
+    return runs_dir / f"exp{max(numbers) + 1}"
+
+
+def archive_pending(runs_dir: Path) -> Path | None:
+    """The expN a half-done archive is moving into (the launch that started it died), or None."""
     marker = runs_dir / ARCHIVE_MARKER
-    if marker.exists():
-        target = runs_dir / marker.read_text().strip()
-    elif run_files(runs_dir):
-        target = next_experiment(runs_dir)
-        write_durably(marker, target.name.encode())
-    else:
+    return runs_dir / marker.read_text().strip() if marker.exists() else None
+
+
+def archive_run(
+    runs_dir: Path, archive_dir=None, backup_dir=None, lock_wait: float = ARCHIVE_LOCK_WAIT_S
+) -> Path | None:
+    """Move the run at the top of `runs_dir` (its RUN_FILES, nothing else) into a new `expN` and record there when
+    it was made; a crash half-way is finished by the next call. N skips the numbers left in `archive_dir` and
+    `backup_dir` too (see `next_experiment`).
+
+    The marker file names the target before anything moves, so a resumed archive goes on into the same folder. The
+    runs folder's cleanup lock is held meanwhile, so that no cleanup prunes the expN being filled; when a cleanup
+    keeps it longer than `lock_wait` seconds, CheckpointError says so and nothing has moved.
+    """
+    if not archive_pending(runs_dir) and not run_files(runs_dir):
         return None
-    target.mkdir(exist_ok=True)
-    for item in run_files(runs_dir):
-        os.replace(item, target / item.name)
-    _fsync_dir(runs_dir)
-    marker.unlink()
+    try:
+        lock = CleanupLock(runs_dir).acquire(wait=lock_wait)
+    except LockedError as e:
+        raise CheckpointError(
+            f"{runs_dir} is being cleaned up ({e}); the finished run is not archived yet: run again when that ends"
+        ) from None
+    try:
+        target = archive_pending(runs_dir)
+        if target is None:
+            if not run_files(runs_dir):  # another launch archived it while this one waited
+                return None
+            target = next_experiment(runs_dir, *(d for d in (archive_dir, backup_dir) if d is not None))
+            write_durably(runs_dir / ARCHIVE_MARKER, target.name.encode())
+        target.mkdir(exist_ok=True)
+        for item in run_files(runs_dir):
+            os.replace(item, target / item.name)
+        when = made_at(target)
+        if when is not None and not (target / MADE_AT_NAME).exists():
+            write_durably(target / MADE_AT_NAME, datetime.fromtimestamp(when, timezone.utc).isoformat().encode())
+        _fsync_dir(runs_dir)
+        (runs_dir / ARCHIVE_MARKER).unlink()
+    finally:
+        lock.release()
     return target
 
 
 def trim_results(csv: Path, epochs_done: int) -> None:
-    """Drop results.csv rows of epochs after the checkpoint (written before a kill, redone on resume)."""
+    """Make results.csv hold whole, readable rows of the epochs the checkpoint holds, each ending in a newline, so the
+    resumed run appends its next row on a line of its own. Rows of later epochs (written before a kill, redone on
+    resume) go quietly. The last row without its newline (a crash cut it short) and rows that can't be read (bytes
+    that are not UTF-8, NUL bytes, another number of fields than the header's: a row glued onto a cut one) go too,
+    and one line says so. A file without a whole, readable header is kept aside as `results.csv.corrupt` (an empty
+    one is removed), and Ultralytics writes a new one."""
+    from ultralytics.utils import LOGGER  # training has it loaded; cleanup.py, which imports this module, does not
+
     if not csv.exists():
         return
-    header, *rows = csv.read_text().splitlines(keepends=True)
+    *lines, cut = csv.read_bytes().split(b"\n")  # `cut` is what follows the last newline: b"" when none is cut
+    header = _readable(lines[0]) if lines else None
+    if header is None:
+        if lines or cut:
+            os.replace(csv, csv.with_name(csv.name + ".corrupt"))
+            LOGGER.warning(f"{csv} has no readable header: kept aside as {csv.name}.corrupt; a new one is started")
+        else:
+            csv.unlink()
+            LOGGER.warning(f"{csv} was empty: removed, a new one is started")
+        return
+    kept, unreadable = [], 0
+    for line in lines[1:]:
+        row = _readable(line)
+        epoch = _epoch_of(row) if row is not None and row.count(",") == header.count(",") else None
+        if epoch is None:
+            unreadable += 1
+        elif epoch <= epochs_done:
+            kept.append(row)
+    if len(kept) == len(lines) - 1 and not cut:
+        return
+    write_durably(csv, "".join(f"{line}\n" for line in [header, *kept]).encode())
+    dropped = ["1 row cut short"] if cut else []
+    dropped += [f"{unreadable} unreadable row{'s' * (unreadable > 1)}"] if unreadable else []
+    if dropped:
+        LOGGER.warning(f"{csv}: dropped {' and '.join(dropped)}; resuming")
 
-    def epoch_of(row: str) -> float:
-        try:
-            return float(row.split(",", 1)[0])
-        except ValueError:  # a line cut short by the kill
-            return float("inf")
 
-    kept = [row for row in rows if epoch_of(row) <= epochs_done]
-    if len(kept) != len(rows):
-        write_durably(csv, "".join([header, *kept]).encode())
+def _readable(line: bytes) -> str | None:
+    """A line of results.csv as text, or None when a crash garbled it (not UTF-8, NUL bytes, or empty)."""
+    try:
+        text = line.decode()
+    except UnicodeDecodeError:
+        return None
+    return text if text and "\0" not in text else None
+
+
+def _epoch_of(row: str) -> float | None:
+    try:
+        return float(row.split(",", 1)[0])
+    except ValueError:
+        return None

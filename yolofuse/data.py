@@ -55,16 +55,21 @@ def ir_path(rgb_path) -> Path:
     if RGB_DIR not in parts:
         raise DatasetError(f"{rgb_path}: not inside an '{RGB_DIR}/' folder, so its IR partner cannot be found")
     i = len(parts) - 1 - parts[::-1].index(RGB_DIR)  # only the modality folder, never a parent that says "images"
-    ir_dir = Path(*parts[:i], IR_DIR, *parts[i + 1 : -1])
+    return partner_in(Path(*parts[:i], IR_DIR, *parts[i + 1 : -1]), rgb_path)
+
+
+def partner_in(folder: Path, rgb_path) -> Path:
+    """The file in `folder` with the RGB file's stem: its own suffix first, then any image suffix."""
+    rgb_path = Path(rgb_path)
     for suffix in (
         rgb_path.suffix,
         *(f".{s}" for s in sorted(IMG_FORMATS)),
         *(f".{s.upper()}" for s in sorted(IMG_FORMATS)),
     ):
-        candidate = ir_dir / (rgb_path.stem + suffix)
+        candidate = folder / (rgb_path.stem + suffix)
         if candidate.is_file():
             return candidate
-    return ir_dir / rgb_path.name  # missing: callers report it as `<stem>.*`
+    return folder / rgb_path.name  # missing: callers report it as `<stem>.*`
 
 
 def _ir_error(ir_file: Path, problem: str, rgb_name: str = "") -> DatasetError:
@@ -76,9 +81,10 @@ def _ir_error(ir_file: Path, problem: str, rgb_name: str = "") -> DatasetError:
     return DatasetError(f"{ir_file}: IR image has more than 8 bits per channel; convert it to 8-bit")
 
 
-def check_ir_header(rgb_file) -> None:
-    """The cheap check of one pair before training: its IR partner exists, and its header is readable and 8-bit."""
-    ir_file = ir_path(rgb_file)
+def check_ir_header(rgb_file, ir_file: Path | None = None) -> None:
+    """The cheap check of one pair before training: its IR partner exists, and its header is readable and 8-bit.
+    `ir_file` is the partner when the caller has already found it."""
+    ir_file = ir_file or ir_path(rgb_file)
     if not ir_file.is_file():
         raise _ir_error(ir_file, "missing", Path(rgb_file).name)
     try:

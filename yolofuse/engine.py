@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import ultralytics
+from ultralytics.data.utils import check_det_dataset
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
 from ultralytics.nn.backends.base import BaseBackend
@@ -23,8 +24,8 @@ from yolofuse import (
     offline,
     replay,
 )
-from yolofuse.data import DatasetError, PairedDataset, check_dataset, load_pair
-from yolofuse.source import PairedSource
+from yolofuse.data import SUPPORTED_CHANNELS, DatasetError, PairedDataset, check_dataset, load_pair
+from yolofuse.source import PairedSource, WithIR
 
 offline.install_fonts()  # before any plot: Ultralytics would download Arial
 
@@ -206,20 +207,17 @@ def model_channels(model) -> int | None:
     return int(channels) if channels else None
 
 
+def check_pair_model(channels: int | None, model_file) -> None:
+    """One line naming the model file when it does not take RGB+IR pairs (a stock 3-channel model, say)."""
+    if channels is not None and channels not in SUPPORTED_CHANNELS:
+        raise DatasetError(
+            f"{model_file}: takes {channels}-channel images, not RGB+IR pairs; use a model trained by train_dual.py "
+            f"(WEIGHTS={model_file} starts one from it)"
+        )
+
+
 class FuseValidator(DetectionValidator):
     """DetectionValidator on stacked pairs, for the model in training or for a `.pt` or exported model on its own."""
-
-    def __call__(self, trainer=None, model=None):
-        self.model_channels = None if trainer else model_channels(model or self.args.model)
-        return super().__call__(trainer, model)
-
-    def get_dataloader(self, dataset_path, batch_size):
-        if self.model_channels and self.model_channels != self.data["channels"]:
-            raise DatasetError(
-                f"{self.args.data}: says channels: {self.data['channels']} but {self.args.model} takes "
-                f"{self.model_channels}; validate it on data with channels: {self.model_channels}"
-            )
-        return super().get_dataloader(dataset_path, batch_size)
 
     def build_dataset(self, img_path, mode="val", batch=None):
         return build_paired_dataset(self.args, img_path, batch, self.data, mode, self.stride)
@@ -281,15 +279,18 @@ class FusePredictor(DetectionPredictor):
     side_by_side = True  # results plot, save and show RGB | IR
 
     def setup_source(self, source, stride=None):
+        check_pair_model(self.model.channels, self.args.model)
         if not isinstance(source, torch.Tensor):  # a stacked (N, C, H, W) tensor in 0..1 goes through as stock
-            source = PairedSource(source, self.args.batch, self.args.vid_stride, self.model.channels)
+            rgb, ir = (source.rgb, source.ir) if isinstance(source, WithIR) else (source, None)
+            source = PairedSource(rgb, self.args.batch, self.args.vid_stride, self.model.channels, ir)
         super().setup_source(source, stride)
 
     def preprocess(self, im):
         if not isinstance(im, torch.Tensor) and self.dataset.mode == "image":
             # The model input is read as training reads it, decoded straight to its size; the full-size pairs in
             # `im` are for the results. (Video frames have no file: the letterbox resizes them.)
-            im = [load_pair(path, self.model.channels, max(self.imgsz))[0] for path in self.batch[0]]
+            size = max(self.imgsz)
+            im = [load_pair(p, self.model.channels, size, self.dataset.ir_partner(p))[0] for p in self.batch[0]]
         return super().preprocess(im)
 
     def postprocess(self, preds, img, orig_imgs, **kwargs):
@@ -323,11 +324,26 @@ class YOLO(ultralytics.YOLO):
     def __init__(self, model="yolov8n-fuse.yaml", verbose=False):
         super().__init__(model=model, task="detect", verbose=verbose)
 
-    def predict(self, source=None, stream=False, predictor=None, side_by_side=True, **kwargs):
-        """Stock `predict` on RGB files with their IR partners. Saved and shown results are RGB | IR with the same
-        boxes on both halves; `side_by_side=False` gives the RGB frame alone, as stock."""
+    def predict(self, source=None, stream=False, predictor=None, side_by_side=True, ir=None, **kwargs):
+        """Stock `predict` on RGB files with their IR partners, found by the pairing rule or given as `ir`: a file
+        for an RGB file, a folder for an RGB folder. Saved and shown results are RGB | IR with the same boxes on both
+        halves; `side_by_side=False` gives the RGB frame alone, as stock."""
         predictor = predictor or (FusePredictor if side_by_side else RGBOnlyPredictor)
-        return super().predict(source, stream, predictor, **kwargs)
+        return super().predict(source if ir is None else WithIR(source, ir), stream, predictor, **kwargs)
+
+    def val(self, validator=None, **kwargs):
+        """Stock `val`, once the model is known to take the data's channels: stock creates the run folder before
+        it reads the data, and a refused call leaves nothing behind."""
+        data, model_file = kwargs.get("data") or self._val_data(), self.overrides["model"]
+        channels = model_channels(self.model)
+        check_pair_model(channels, model_file)
+        data_channels = check_det_dataset(data)["channels"]
+        if channels and channels != data_channels:
+            raise DatasetError(
+                f"{data}: says channels: {data_channels} but {model_file} takes {channels}; validate it on data "
+                f"with channels: {channels}"
+            )
+        return super().val(validator, **{**kwargs, "data": data})
 
     @property
     def task_map(self):

@@ -171,10 +171,12 @@ def load(model: Path) -> dict:
 
 
 def write(architecture: Architecture, folder: Path) -> Path:
-    """The architecture's yaml, written into `folder` (the run folder) under its name; returns its path."""
+    """The architecture's yaml, written into `folder` (the run folder) as model-<its name> (checkpoint.RUN_FILES
+    archives it with the run); returns its path."""
     from yolofuse.checkpoint import write_durably  # noqa: PLC0415
 
-    path = folder / architecture.name
+    name = architecture.name
+    path = folder / (name if name.startswith("model-") else f"model-{name}")  # the scale letter stays in the name
     write_durably(path, architecture.text.encode())
     return path
 

@@ -77,6 +77,14 @@ class RunLock(FolderLock):
         )
 
 
+class CleanupLock(FolderLock):
+    """The lock of a runs folder whose experiments are being moved: `<runs_dir>/.cleanup.lock`, held by a cleanup
+    pass, and by archiving and restoring, which pick an `expN` and fill it."""
+
+    def __init__(self, runs_dir):
+        super().__init__(runs_dir, CLEANUP_LOCK_NAME)
+
+
 def is_locked(run_dir) -> bool:
     """True when a live process holds the training lock of `run_dir` (a folder without a lock file is free)."""
     path = Path(run_dir) / LOCK_NAME

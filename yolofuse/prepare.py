@@ -7,7 +7,7 @@
 DST gets images/<split>, imagesIR/<split> and labels/<split>, then, last of all, DST/data.yaml: a DST without
 data.yaml is unfinished. Images are hard links to SRC's files when both are on one filesystem, else copies;
 nothing in SRC is ever written. A re-run rebuilds DST from SRC. The layouts each format reads, and the sources
-they were taken from, are in the README ("Convert a public dataset").
+they were taken from, are in docs/data.md ("Convert a public dataset").
 """
 
 import argparse
