@@ -19,16 +19,18 @@ import torch
 import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
-from yolofuse import YOLO, checkpoint, ddp, pretrained, settings
+from yolofuse import YOLO, checkpoint, ddp, fuse, pretrained, settings
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset, read_config
+from yolofuse.fuse import FuseError
 from yolofuse.lock import RunLockedError
 from yolofuse.settings import SettingsError, resolve  # relative path settings are taken from this folder
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings: edit here, or override one run with NAME=value on the command line. Relative paths are from this folder.
 DATA = "data_config.yaml"  # paired RGB+IR dataset config (its comments show how to point it at LLVIP)
-MODEL = "yolov8n-fuse.yaml"  # architecture for fresh runs; a resumed run keeps its checkpoint's architecture
+MODEL = "yolov8n-fuse.yaml"  # fresh runs: an RGB+IR yaml, a stock yaml (yolo11s.yaml) or stock weights (yolo26n.pt)
+FUSION = "mid"  # how a stock MODEL is made RGB+IR: "mid" (two backbones), "p3" (two up to stride 8) or "early"
 WEIGHTS = None  # a fresh run starts from this Ultralytics detection checkpoint (e.g. "yolov8n.pt"); None: random
 RUNS_DIR = "runs/fuse"  # the live run trains here; finished runs are archived to RUNS_DIR/expN
 EPOCHS = 100  # total epochs; raise it and re-run to extend an unfinished run
@@ -104,8 +106,8 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     notes, conflicts = [], []
     trained = ckpt.get("ema") or ckpt.get("model")
     try:
-        wanted = yaml.safe_load(resolve(MODEL).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:  # resuming needs only the checkpoint's own architecture
+        wanted = architecture().cfg
+    except (OSError, yaml.YAMLError, FuseError, CheckpointError) as e:  # resuming needs only the checkpoint's own
         notes.append(f"MODEL {MODEL} can't be read ({type(e).__name__}); resuming with the checkpoint's architecture")
         wanted = {k: trained.yaml.get(k) for k in ("backbone", "head")}
     if any(trained.yaml.get(k) != wanted.get(k) for k in ("backbone", "head")):
@@ -123,6 +125,11 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     if trained_on != str(data):
         notes.append(f"DATA is now {data} (the checkpoint trained on {trained_on}); same classes and channels")
     return notes, conflicts
+
+
+def architecture() -> fuse.Architecture:
+    """The RGB+IR model MODEL and FUSION describe, and the weights a fresh run starts from (MODEL=*.pt or WEIGHTS)."""
+    return fuse.resolve(resolve(MODEL), FUSION, resolve(WEIGHTS) if WEIGHTS else None)
 
 
 def main() -> int:
@@ -157,9 +164,11 @@ def main() -> int:
             if WEIGHTS:
                 print(f"  WEIGHTS={WEIGHTS} ignored: a resumed run goes on from its own checkpoint's weights")
         else:
-            model = YOLO(str(resolve(MODEL)))
-            if WEIGHTS:  # refuses, in one line, a checkpoint that does not fit MODEL
-                print(pretrained.start_from(model, resolve(WEIGHTS), data))
+            fresh = architecture()
+            for note in fresh.notes:
+                print(f"  {note}")
+            if fresh.weights:  # refuses, in one line, a checkpoint that does not fit the model
+                pretrained.check(fresh.weights, fresh.cfg)
         if found.state in ("finished", "corrupt"):
             print(f"Archived the previous run as {checkpoint.archive_run(runs_dir, archive_dir, backup_dir)}.")
         elif found.state == "unfinished" and found.checkpoint != last:
@@ -172,7 +181,10 @@ def main() -> int:
         if found.state == "unfinished":
             model = YOLO(str(last))  # after restore_previous: last.pt is the checkpoint resumed from
             args.update(resume=str(last), **changes)
-        else:
+        else:  # the model's yaml is written into the run folder and built from there (a resume: from last.pt)
+            model = YOLO(str(fuse.write(fresh, runs_dir)))
+            if fresh.weights:
+                print(pretrained.start_from(model, fresh.weights, data))
             args.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
             args.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
@@ -203,7 +215,7 @@ if __name__ == "__main__":
             f"Every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}: "
             "run `python train_dual.py` again to resume."
         )
-    except (SettingsError, DatasetError, CheckpointError, RunLockedError, ddp.TorchrunError) as e:
+    except (SettingsError, DatasetError, CheckpointError, FuseError, RunLockedError, ddp.TorchrunError) as e:
         sys.exit(f"error: {e}")
     except Exception as e:  # torchrun: a collective broke because another rank is gone (killed, its node lost)
         if not (cause := ddp.lost_rank(e)):
