@@ -2,6 +2,7 @@
 
     python train_dual.py                      # fresh run, or resume the unfinished one in RUNS_DIR
     python train_dual.py EPOCHS=3 IMGSZ=320   # override any constant below for this run
+    torchrun --nnodes 2 ... train_dual.py     # on every node of a cluster (docs/multi-gpu.md)
 
 What it finds in RUNS_DIR/weights/last.pt decides what happens (see README, "Re-run to resume").
 """
@@ -22,7 +23,7 @@ from yolofuse import YOLO, checkpoint, ddp, fuse, pretrained, settings
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset, read_config
 from yolofuse.fuse import FuseError
-from yolofuse.lock import RunLock, RunLockedError
+from yolofuse.lock import RunLockedError
 from yolofuse.settings import SettingsError, resolve  # relative path settings are taken from this folder
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -77,15 +78,17 @@ def check_settings() -> None:
     """Every setting's type, range and allowed values, that DEVICE exists and that RUNS_DIR can hold the run; the
     first bad one stops the launch in one line. DEVICE becomes a string (DEVICE=0,1 arrives as the tuple (0, 1))."""
     globals().update(settings.check(current_settings()))
-    settings.check_run_folder(RUNS_DIR)
+    if not ddp.FOLLOWER:  # under torchrun, rank 0 alone touches the run folder
+        settings.check_run_folder(RUNS_DIR)
 
 
 def pick_device():
     if DEVICE is not None:
         device = DEVICE
     elif torch.cuda.is_available():
-        print(f"Training on the GPU: cuda:0 ({torch.cuda.get_device_name(0)}).")
-        return "0"
+        gpu = max(ddp.LOCAL_RANK, 0)  # under torchrun, each rank trains on the GPU of its local rank
+        print(f"Training on the GPU: cuda:{gpu} ({torch.cuda.get_device_name(gpu)}).")
+        return str(gpu)
     else:
         print("No CUDA GPU found: training on the CPU, which is much slower.")
         device = "cpu"
@@ -132,6 +135,7 @@ def architecture() -> fuse.Architecture:
 def main() -> int:
     given = apply_overrides(sys.argv[1:])
     os.chdir(ROOT)  # the data config's relative dataset path, like every path here, is taken from this folder
+    ddp.check_torchrun(DEVICE)  # torchrun gives each rank its device: this comes before "no such GPU here"
     check_settings()  # before the run folder is locked, created or touched
     cleanup.log.addHandler(logging.StreamHandler(sys.stdout))  # each pruning decision, one line
     cleanup.log.setLevel(logging.INFO)
@@ -139,7 +143,9 @@ def main() -> int:
     archive_dir, backup_dir = (resolve(d) if d else None for d in (ARCHIVE_DIR, BACKUP_DIR))
     last = runs_dir / "weights" / "last.pt"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a pre-empted node stops like Ctrl+C
-    with RunLock(runs_dir):
+    if ddp.FOLLOWER:  # a torchrun rank other than 0: it trains as rank 0 decides below, and writes nothing
+        return ddp.follow(runs_dir, DEVICE)
+    with ddp.lead(runs_dir, DEVICE):  # the run lock; under torchrun the other ranks wait for what is decided here
         if checkpoint.archive_pending(runs_dir):  # a previous launch died while archiving: finish that first
             target = checkpoint.archive_run(runs_dir, archive_dir, backup_dir)
             print(f"Finished archiving the previous run into {target}.")
@@ -182,6 +188,7 @@ def main() -> int:
             args.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
             args.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
+        ddp.send(model, args)  # torchrun: the other ranks train this model with these settings
         model.train(**args)
         # After multi-GPU training only the workers validated; Ultralytics then loads best.pt here, with its metrics
         metrics = model.trainer.metrics or model.ckpt.get("train_metrics") or {}
@@ -198,7 +205,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print(
             f"\nInterrupted: every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}. "
-            "Run `python train_dual.py` again to resume.",
+            f"Run {ddp.RERUN} again to resume.",
             file=sys.stderr,
         )
         sys.exit(130)
@@ -208,5 +215,12 @@ if __name__ == "__main__":
             f"Every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}: "
             "run `python train_dual.py` again to resume."
         )
-    except (SettingsError, DatasetError, CheckpointError, FuseError, RunLockedError) as e:
+    except (SettingsError, DatasetError, CheckpointError, FuseError, RunLockedError, ddp.TorchrunError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # torchrun: a collective broke because another rank is gone (killed, its node lost)
+        if not (cause := ddp.lost_rank(e)):
+            raise
+        sys.exit(
+            f"error: training stopped: another rank is gone ({cause}). Every completed epoch is saved in "
+            f"{resolve(RUNS_DIR) / 'weights' / 'last.pt'}: run {ddp.RERUN} again to resume."
+        )
