@@ -2,6 +2,7 @@
 
     python train_dual.py                      # fresh run, or resume the unfinished one in RUNS_DIR
     python train_dual.py EPOCHS=3 IMGSZ=320   # override any constant below for this run
+    torchrun --nnodes 2 ... train_dual.py     # on every node of a cluster (docs/multi-gpu.md)
 
 What it finds in RUNS_DIR/weights/last.pt decides what happens (see README, "Re-run to resume").
 """
@@ -18,18 +19,20 @@ import torch
 import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
-from yolofuse import YOLO, checkpoint, ddp, pretrained, sensors, settings
+from yolofuse import YOLO, checkpoint, ddp, fuse, pretrained, sensors, settings
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset, read_config
-from yolofuse.lock import RunLock, RunLockedError
+from yolofuse.fuse import FuseError
+from yolofuse.lock import RunLockedError
 from yolofuse.settings import SettingsError, resolve  # relative path settings are taken from this folder
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings: edit here, or override one run with NAME=value on the command line. Relative paths are from this folder.
 DATA = "data_config.yaml"  # paired RGB+IR dataset config (its comments show how to point it at LLVIP)
-MODEL = "yolov8n-fuse.yaml"  # architecture for fresh runs; a resumed run keeps its checkpoint's architecture
+MODEL = "yolov8n-fuse.yaml"  # fresh runs: an RGB+IR yaml, a stock yaml (yolo11s.yaml) or stock weights (yolo26n.pt)
+FUSION = "mid"  # how a stock MODEL is made RGB+IR: "mid" (two backbones), "p3" (two up to stride 8) or "early"
 WEIGHTS = None  # a fresh run starts from this Ultralytics detection checkpoint (e.g. "yolov8n.pt"); None: random
-FUSION_INIT = "mean"  # with WEIGHTS: the fusion starts as the "mean" of both streams, or as the "rgb" or "ir" one alone
+FUSION_INIT = "mean"  # from weights: the fusion starts as the "mean" of both streams, or as the "rgb" or "ir" one alone
 RUNS_DIR = "runs/fuse"  # the live run trains here; finished runs are archived to RUNS_DIR/expN
 EPOCHS = 100  # total epochs; raise it and re-run to extend an unfinished run
 BATCH = 16  # images per batch
@@ -77,15 +80,17 @@ def check_settings() -> None:
     """Every setting's type, range and allowed values, that DEVICE exists and that RUNS_DIR can hold the run; the
     first bad one stops the launch in one line. DEVICE becomes a string (DEVICE=0,1 arrives as the tuple (0, 1))."""
     globals().update(settings.check(current_settings()))
-    settings.check_run_folder(RUNS_DIR)
+    if not ddp.FOLLOWER:  # under torchrun, rank 0 alone touches the run folder
+        settings.check_run_folder(RUNS_DIR)
 
 
 def pick_device():
     if DEVICE is not None:
         device = DEVICE
     elif torch.cuda.is_available():
-        print(f"Training on the GPU: cuda:0 ({torch.cuda.get_device_name(0)}).")
-        return "0"
+        gpu = max(ddp.LOCAL_RANK, 0)  # under torchrun, each rank trains on the GPU of its local rank
+        print(f"Training on the GPU: cuda:{gpu} ({torch.cuda.get_device_name(gpu)}).")
+        return str(gpu)
     else:
         print("No CUDA GPU found: training on the CPU, which is much slower.")
         device = "cpu"
@@ -103,8 +108,8 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     notes, conflicts = [], []
     trained = ckpt.get("ema") or ckpt.get("model")
     try:
-        wanted = yaml.safe_load(resolve(MODEL).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:  # resuming needs only the checkpoint's own architecture
+        wanted = architecture().cfg
+    except (OSError, yaml.YAMLError, FuseError, CheckpointError) as e:  # resuming needs only the checkpoint's own
         notes.append(f"MODEL {MODEL} can't be read ({type(e).__name__}); resuming with the checkpoint's architecture")
         wanted = {k: trained.yaml.get(k) for k in ("backbone", "head")}
     if any(trained.yaml.get(k) != wanted.get(k) for k in ("backbone", "head")):
@@ -124,9 +129,15 @@ def compare_with_checkpoint(ckpt: dict, data: Path) -> tuple[list[str], list[str
     return notes, conflicts
 
 
+def architecture() -> fuse.Architecture:
+    """The RGB+IR model MODEL and FUSION describe, and the weights a fresh run starts from (MODEL=*.pt or WEIGHTS)."""
+    return fuse.resolve(resolve(MODEL), FUSION, resolve(WEIGHTS) if WEIGHTS else None)
+
+
 def main() -> int:
     given = apply_overrides(sys.argv[1:])
     os.chdir(ROOT)  # the data config's relative dataset path, like every path here, is taken from this folder
+    ddp.check_torchrun(DEVICE)  # torchrun gives each rank its device: this comes before "no such GPU here"
     check_settings()  # before the run folder is locked, created or touched
     cleanup.log.addHandler(logging.StreamHandler(sys.stdout))  # each pruning decision, one line
     cleanup.log.setLevel(logging.INFO)
@@ -134,7 +145,9 @@ def main() -> int:
     archive_dir, backup_dir = (resolve(d) if d else None for d in (ARCHIVE_DIR, BACKUP_DIR))
     last = runs_dir / "weights" / "last.pt"
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a pre-empted node stops like Ctrl+C
-    with RunLock(runs_dir):
+    if ddp.FOLLOWER:  # a torchrun rank other than 0: it trains as rank 0 decides below, and writes nothing
+        return ddp.follow(runs_dir, DEVICE)
+    with ddp.lead(runs_dir, DEVICE):  # the run lock; under torchrun the other ranks wait for what is decided here
         if checkpoint.archive_pending(runs_dir):  # a previous launch died while archiving: finish that first
             target = checkpoint.archive_run(runs_dir, archive_dir, backup_dir)
             print(f"Finished archiving the previous run into {target}.")
@@ -154,11 +167,13 @@ def main() -> int:
             if WEIGHTS:
                 print(f"  WEIGHTS={WEIGHTS} ignored: a resumed run goes on from its own checkpoint's weights")
         else:
-            model = YOLO(str(resolve(MODEL)))
-            if WEIGHTS:  # refuses, in one line, a checkpoint that does not fit MODEL
-                print(pretrained.start_from(model, resolve(WEIGHTS), data, FUSION_INIT))
+            fresh = architecture()
+            for note in fresh.notes:
+                print(f"  {note}")
+            if fresh.weights:  # refuses, in one line, a checkpoint that does not fit the model
+                pretrained.check(fresh.weights, fresh.cfg)
             elif FUSION_INIT != "mean":
-                print(f"  FUSION_INIT={FUSION_INIT} ignored: there are no WEIGHTS to start from")
+                print(f"  FUSION_INIT={FUSION_INIT} ignored: there are no weights to start from")
         if found.state in ("finished", "corrupt"):
             print(f"Archived the previous run as {checkpoint.archive_run(runs_dir, archive_dir, backup_dir)}.")
         elif found.state == "unfinished" and found.checkpoint != last:
@@ -171,10 +186,14 @@ def main() -> int:
         if found.state == "unfinished":
             model = YOLO(str(last))  # after restore_previous: last.pt is the checkpoint resumed from
             args.update(resume=str(last), **changes)
-        else:
+        else:  # the model's yaml is written into the run folder and built from there (a resume: from last.pt)
+            model = YOLO(str(fuse.write(fresh, runs_dir)))
+            if fresh.weights:
+                print(pretrained.start_from(model, fresh.weights, data, FUSION_INIT))
             args.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
             args.update(close_mosaic=CLOSE_MOSAIC, modality_dropout=MODALITY_DROPOUT, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
+        ddp.send(model, args)  # torchrun: the other ranks train this model with these settings
         model.train(**args)
         # After multi-GPU training only the workers validated; Ultralytics then loads best.pt here, with its metrics
         metrics = model.trainer.metrics or model.ckpt.get("train_metrics") or {}
@@ -191,7 +210,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print(
             f"\nInterrupted: every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}. "
-            "Run `python train_dual.py` again to resume.",
+            f"Run {ddp.RERUN} again to resume.",
             file=sys.stderr,
         )
         sys.exit(130)
@@ -201,5 +220,12 @@ if __name__ == "__main__":
             f"Every completed epoch is saved in {resolve(RUNS_DIR) / 'weights' / 'last.pt'}: "
             "run `python train_dual.py` again to resume."
         )
-    except (SettingsError, DatasetError, CheckpointError, RunLockedError) as e:
+    except (SettingsError, DatasetError, CheckpointError, FuseError, RunLockedError, ddp.TorchrunError) as e:
         sys.exit(f"error: {e}")
+    except Exception as e:  # torchrun: a collective broke because another rank is gone (killed, its node lost)
+        if not (cause := ddp.lost_rank(e)):
+            raise
+        sys.exit(
+            f"error: training stopped: another rank is gone ({cause}). Every completed epoch is saved in "
+            f"{resolve(RUNS_DIR) / 'weights' / 'last.pt'}: run {ddp.RERUN} again to resume."
+        )

@@ -25,13 +25,11 @@ import ultralytics  # noqa: E402
 import yolofuse  # noqa: E402
 from yolofuse import pretrained  # noqa: E402
 
-EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
-IMGSZ = int(sys.argv[2]) if len(sys.argv) > 2 else 256
 DEMO = ROOT / "datasets" / "demo_night"
 PAIRED = ROOT / "data_config.yaml"
 COMPARED = ("mid fusion", "mid fusion, from RGB only")  # the pretrained start, against the same model from scratch
 NAMES = "names:\n  0: person\n  1: sign\n  2: car\n"
-SETTINGS = dict(epochs=EPOCHS, imgsz=IMGSZ, batch=8, nbs=8, workers=0, device="cpu", seed=0, plots=False, verbose=False)
+SETTINGS = dict(batch=8, nbs=8, workers=0, device="cpu", seed=0, plots=False, verbose=False)  # and epochs, imgsz
 
 
 def single_modality_data(work: Path, folder: str, channels: int) -> Path:
@@ -45,10 +43,10 @@ def single_modality_data(work: Path, folder: str, channels: int) -> Path:
     return data
 
 
-def train_and_validate(model, data: Path, run: Path) -> dict:
-    model.train(data=str(data), save_dir=str(run), **SETTINGS)
+def train_and_validate(model, data: Path, run: Path, epochs: int, imgsz: int) -> dict:
+    model.train(data=str(data), save_dir=str(run), epochs=epochs, imgsz=imgsz, **SETTINGS)
     best = type(model)(str(run / "weights" / "best.pt"))
-    box = best.val(data=str(data), imgsz=IMGSZ, batch=16, device="cpu", plots=False, verbose=False).box
+    box = best.val(data=str(data), imgsz=imgsz, batch=16, device="cpu", plots=False, verbose=False).box
     per_class = {name: (box.ap50[i], box.ap[i]) for i, name in enumerate(best.names.values())}
     return {**per_class, "all": (box.map50, box.map)}
 
@@ -63,7 +61,7 @@ def run_name(variant: str) -> str:
     return variant.replace(" ", "_").replace(",", "")
 
 
-def main():
+def main(epochs: int, imgsz: int):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         variants = {  # name: (model, built when its turn comes; data); the last one starts from the first's best.pt
@@ -78,24 +76,24 @@ def main():
         }
         results, by_epoch = {}, {}
         for name, (make_model, data) in variants.items():
-            results[name] = train_and_validate(make_model(), data, work / run_name(name))
+            results[name] = train_and_validate(make_model(), data, work / run_name(name), epochs, imgsz)
             if name in COMPARED:
                 csv = pd.read_csv(work / run_name(name) / "results.csv").rename(columns=str.strip)
                 by_epoch[name] = dict(zip(csv["epoch"], csv["metrics/mAP50-95(B)"]))
     classes = list(next(iter(results.values())))
-    print(f"\nAblation on {DEMO.name}: {EPOCHS} epochs, imgsz {IMGSZ}, batch 8, seed 0, CPU. Cells: mAP50 / mAP50-95")
+    print(f"\nAblation on {DEMO.name}: {epochs} epochs, imgsz {imgsz}, batch 8, seed 0, CPU. Cells: mAP50 / mAP50-95")
     print("| model | " + " | ".join(classes) + " |")
     print("|---" * (len(classes) + 1) + "|")
     for name, row in results.items():
         print(f"| {name} | " + " | ".join(f"{row[c][0]:.3f} / {row[c][1]:.3f}" for c in classes) + " |")
-    epochs = sorted({e for e in (5, 10, EPOCHS) if e <= EPOCHS})
+    shown = sorted({e for e in (5, 10, epochs) if e <= epochs})
     print("\nPretrained start vs scratch: mAP50-95 of each run's validation after the given epoch (EMA weights)")
-    print("| model | " + " | ".join(f"epoch {e}" for e in epochs) + " |")
-    print("|---" * (len(epochs) + 1) + "|")
+    print("| model | " + " | ".join(f"epoch {e}" for e in shown) + " |")
+    print("|---" * (len(shown) + 1) + "|")
     for name in COMPARED:
-        print(f"| {name} | " + " | ".join(f"{by_epoch[name][e]:.3f}" for e in epochs) + " |")
+        print(f"| {name} | " + " | ".join(f"{by_epoch[name][e]:.3f}" for e in shown) + " |")
 
 
 if __name__ == "__main__":
     os.chdir(ROOT)  # data_config.yaml's dataset path is relative to the repository
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 60, int(sys.argv[2]) if len(sys.argv) > 2 else 256)

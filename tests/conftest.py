@@ -76,21 +76,60 @@ def tiny_data(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> SimpleNamespace:
-    """A 4-channel yolov8n-fuse model trained on the 64 demo train pairs at imgsz 64 for 13 epochs, about 200 optimizer
-    steps: the fewest that give a model whose predictions depend on its input (mAP50 about 0.2 on the 4 val pairs).
-    A 2-epoch model predicts the same frame-sized boxes whatever the pair: checks on it could not fail.
+def stock_weights(tmp_path_factory):
+    """family ("yolo26n", ...) -> a stock Ultralytics checkpoint of it, made once per session by a 1-epoch stock run
+    at imgsz 64 on the RGB half of a tiny demo copy, offline: a user's yolo26n.pt in miniature (same classes)."""
+    import ultralytics
+
+    work = tmp_path_factory.mktemp("stock_weights")
+    paired = make_dataset(work / "data", n_train=8, n_val=2)
+    rgb = work / "rgb.yaml"  # stock datasets read images/ and labels/: the IR folder beside them is ignored
+    rgb.write_text(paired.read_text().replace("channels: 4\n", ""))
+    made = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            run = work / family
+            ultralytics.YOLO(f"{family}.yaml").train(
+                data=str(rgb), epochs=1, imgsz=64, batch=4, workers=0, device="cpu", plots=False, val=False,
+                save_dir=str(run), exist_ok=True, verbose=False,
+            )  # fmt: skip
+            made[family] = run / "weights" / "last.pt"  # finished, so stripped: as Ultralytics releases them
+        return made[family]
+
+    return get
+
+
+def train_demo(tmp: Path, model: Path) -> SimpleNamespace:
+    """A 4-channel model of the yaml `model` trained on the 64 demo train pairs at imgsz 64 for 13 epochs, about 200
+    optimizer steps: the fewest that give a model whose predictions depend on its input (mAP50 about 0.2 on the 4 val
+    pairs). A 2-epoch model predicts the same frame-sized boxes whatever the pair: checks on it could not fail.
     `data`: its data yaml; `pt`: its best.pt. Copy `pt` elsewhere before writing beside it (test_export does)."""
     from yolofuse import YOLO
 
-    tmp = tmp_path_factory.mktemp("trained")
     data = make_dataset(tmp / "data", n_train=64, n_val=4)
     settings = dict(imgsz=64, batch=4, nbs=4, workers=0, device="cpu", cache="ram", mosaic=0.0, close_mosaic=0)
     # val and save only after the last epoch: their per-epoch cost is most of a short run's time
-    YOLO(str(ROOT / "yolov8n-fuse.yaml")).train(
+    YOLO(str(model)).train(
         data=str(data), epochs=13, save_dir=str(tmp / "run"), exist_ok=True, val=False, save=False, **settings
     )
     return SimpleNamespace(data=data, pt=tmp / "run" / "weights" / "best.pt")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """yolov8n-fuse.yaml, trained by `train_demo`."""
+    return train_demo(tmp_path_factory.mktemp("trained"), ROOT / "yolov8n-fuse.yaml")
+
+
+@pytest.fixture(scope="session")
+def trained26(tmp_path_factory) -> SimpleNamespace:
+    """YOLO26n made RGB+IR (mid fusion: two stock YOLO26n backbones, its neck and end-to-end head), trained by
+    `train_demo`."""
+    from yolofuse import fuse
+
+    tmp = tmp_path_factory.mktemp("trained26")
+    return train_demo(tmp, fuse.write(fuse.resolve(Path("yolo26n.yaml"), "mid"), tmp))
 
 
 def write_video(path: Path, frames: list[np.ndarray]) -> Path:

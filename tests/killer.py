@@ -25,6 +25,9 @@ KILLER_OOM_AT=<n>
     prepared: stock then halves the batch, rebuilds the loader and restarts the epoch (in a run's first epoch only).
 KILLER_NAN_EPOCH=<k>
     After 0-based epoch k's validation, once, the loss reads NaN: stock then reloads last.pt and restarts the epoch.
+KILLER_TRAIN=<name>=<value>,...
+    Pass these Ultralytics train() arguments to a fresh run (a resume takes them from its checkpoint), e.g.
+    optimizer=MuSGD, which optimizer=auto picks only for runs of over 10,000 iterations.
 KILLER_DDP_PROBE=<folder>  (optional KILLER_DDP_PAUSE)
     Add tests/ddp_probe.py's callbacks to every model; Ultralytics pickles them into the DDP workers, where they
     record each rank's writes, resume state and PID in <folder>, and can pause a rank (see ddp_probe.py).
@@ -180,6 +183,16 @@ def install_nan(epoch: int) -> None:
     engine.FuseTrainer.validate = validate
 
 
+def install_train_args(spec: str) -> None:
+    original = engine.YOLO.train
+    extra = dict(item.split("=", 1) for item in spec.split(","))
+
+    def train(self, **kwargs):
+        return original(self, **kwargs if kwargs.get("resume") else {**kwargs, **extra})
+
+    engine.YOLO.train = train
+
+
 if os.environ.get("KILLER_RECORD"):
     install_record(os.environ["KILLER_RECORD"])
 if os.environ.get("KILLER_COMMIT"):
@@ -188,6 +201,8 @@ if os.environ.get("KILLER_AFTER_SAVE") or os.environ.get("KILLER_LOG"):
     install_after_save(int(os.environ.get("KILLER_AFTER_SAVE", 0)), os.environ.get("KILLER_LOG"))
 if os.environ.get("KILLER_LOG"):
     install_first_step_log(os.environ["KILLER_LOG"])
+if os.environ.get("KILLER_TRAIN"):
+    install_train_args(os.environ["KILLER_TRAIN"])
 if os.environ.get("KILLER_PAUSE_EPOCH"):
     install_pause(int(os.environ["KILLER_PAUSE_EPOCH"]), os.environ["KILLER_READY"], os.environ.get("KILLER_GO"))
 if os.environ.get("KILLER_OOM_AT"):

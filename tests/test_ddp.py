@@ -48,7 +48,46 @@ DONE = re.compile(r"^Done\. best\.pt: (\S+)  mAP50 (\S+)  mAP50-95 (\S+)$", re.M
 _launches = []
 
 
-class Launch:
+class Probed:
+    """A launch of train_dual.py (through killer.py) on 2 DDP ranks whose probes record in `folder`."""
+
+    folder: Path
+
+    def running(self) -> bool:
+        raise NotImplementedError
+
+    def tail(self) -> str:
+        raise NotImplementedError
+
+    def ranks(self) -> dict[int, list[dict]]:
+        """rank -> the JSON lines its probe wrote (a line still being written is left out)."""
+        logs = {}
+        for path in sorted(self.folder.glob("rank*.jsonl")):
+            lines = path.read_text().splitlines(keepends=True)
+            logs[int(path.stem[4:])] = [json.loads(line) for line in lines if line.endswith("\n")]
+        return logs
+
+    def workers(self) -> list[psutil.Process]:
+        """The ranks' processes, by the PIDs their probes recorded."""
+        found = []
+        for log in self.ranks().values():
+            try:
+                found.append(psutil.Process(log[0]["pid"]))
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def wait_paused(self) -> int:
+        """Wait until the probe paused a rank and both ranks have started; returns the paused rank's PID."""
+        paused, deadline = self.folder / "paused", time.monotonic() + LAUNCH_TIMEOUT
+        while not (paused.exists() and paused.read_text() and len(self.ranks()) == 2):
+            assert self.running(), f"the launch ended unpaused\n{self.tail()}"
+            assert time.monotonic() < deadline, f"no pause\n{self.tail()}"
+            time.sleep(0.05)
+        return int(paused.read_text())
+
+
+class Launch(Probed):
     """killer.py in the background as 2 DDP ranks, in a session of its own; probe records in `folder`."""
 
     def __init__(self, story, name: str, pause: str = ""):
@@ -81,31 +120,8 @@ class Launch:
     def tail(self) -> str:
         return f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}"
 
-    def ranks(self) -> dict[int, list[dict]]:
-        """rank -> the JSON lines its probe wrote (a line still being written is left out)."""
-        logs = {}
-        for path in sorted(self.folder.glob("rank*.jsonl")):
-            lines = path.read_text().splitlines(keepends=True)
-            logs[int(path.stem[4:])] = [json.loads(line) for line in lines if line.endswith("\n")]
-        return logs
-
-    def workers(self) -> list[psutil.Process]:
-        found = []
-        for log in self.ranks().values():
-            try:
-                found.append(psutil.Process(log[0]["pid"]))
-            except psutil.NoSuchProcess:
-                pass
-        return found
-
-    def wait_paused(self) -> int:
-        """Wait until the probe paused a rank and both ranks have started; returns the paused worker's PID."""
-        paused, deadline = self.folder / "paused", time.monotonic() + LAUNCH_TIMEOUT
-        while not (paused.exists() and paused.read_text() and len(self.ranks()) == 2):
-            assert self.proc.poll() is None, f"the launch ended (rc {self.proc.returncode}) unpaused\n{self.tail()}"
-            assert time.monotonic() < deadline, f"no pause\n{self.tail()}"
-            time.sleep(0.05)
-        return int(paused.read_text())
+    def running(self) -> bool:
+        return self.proc.poll() is None
 
     def wait(self) -> int:
         return self.proc.wait(timeout=LAUNCH_TIMEOUT)

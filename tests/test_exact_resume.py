@@ -103,6 +103,21 @@ def test_an_epoch_restarted_after_nan_then_killed(tmp_path):
     assert last_step == 2
 
 
+def test_fused_yolo26_with_musgd(tmp_path):
+    """YOLO26 (end-to-end head, one-to-one and one-to-many branches) fused from the stock yaml, trained with MuSGD,
+    which optimizer=auto picks for real-size runs: stock rounds both of its momentum buffers to FP16 in last.pt."""
+    data = make_dataset(tmp_path / "data", n_train=6)
+    assert_killed_run_replays_straight_run(
+        tmp_path, data, 4, 2, "CLOSE_MOSAIC=1", "MODEL=yolo26n.yaml", fault=dict(KILLER_TRAIN="optimizer=MuSGD")
+    )
+    last = tmp_path / "interrupted" / "weights" / "last.pt"
+    ckpt = checkpoint.load(last)
+    assert ckpt["train_args"]["optimizer"] == "MuSGD" and ckpt["ema"].yaml["end2end"] is True
+    assert "Modality" in {type(m).__name__ for m in ckpt["ema"].modules()}, "not the RGB+IR model"
+    kept = replay.rounded_by_stock(replay.load_state(last, ckpt)["optimizer"])
+    assert {k for _, k in kept} == {"momentum_buffer", "momentum_buffer_SGD"}, "MuSGD's buffers are the exact state"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The train loader: same batches for 0 and 2 workers, and after a restart
 

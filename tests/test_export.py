@@ -3,7 +3,8 @@
 CPU only, offline. The 4-channel model is conftest's `trained` (13 epochs at imgsz 64: predictions that depend on
 the input, so parity and IR checks on it can fail). The 6-channel model is made from it by spreading the IR weights
 of each stream's first conv over three channels: on gray IR saved as 3 channels it must predict what the 4-channel
-model predicts. Both are exported to TorchScript and ONNX.
+model predicts. The YOLO26n made RGB+IR (mid fusion, NMS-free end-to-end head) is conftest's `trained26`, trained the
+same way. All are exported to TorchScript and ONNX.
 """
 
 import copy
@@ -43,6 +44,11 @@ def export(pt: Path, data: Path, channels: int) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def four(trained):
     return export(trained.pt, trained.data, 4)
+
+
+@pytest.fixture(scope="module")
+def four26(trained26):
+    return export(trained26.pt, trained26.data, 4)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +102,7 @@ def assert_same_boxes(expected, got, what):
 
 
 # ---------------------------------------------------------------------------------------------------------- export
-@pytest.mark.parametrize("models", ["four", "six"])
+@pytest.mark.parametrize("models", ["four", "six", "four26"])
 def test_exports_take_the_model_channels(models, request):
     models = request.getfixturevalue(models)
     onnx = pytest.importorskip("onnx")
@@ -108,7 +114,9 @@ def test_exports_take_the_model_channels(models, request):
 
 
 # --------------------------------------------------------------------------------------------------------- predict
-def test_predict_on_pairs_same_boxes_in_every_format(four, six):
+@pytest.mark.parametrize("models", ["four", "four26"])
+def test_predict_on_pairs_same_boxes_in_every_format(models, request):
+    four = request.getfixturevalue(models)
     images = [str(p) for p in four.images[:3]]
     results = {fmt: predict(four.weights[fmt], images) for fmt in FORMATS}
     for r, image in zip(results["pt"], images):
@@ -120,13 +128,18 @@ def test_predict_on_pairs_same_boxes_in_every_format(four, six):
     assert max(float(r.boxes.xyxy[:, 2].max()) for r in results["pt"]) > IMGSZ, "boxes in the frame's pixels"
     for fmt in FORMATS[1:]:
         assert_same_boxes(results["pt"], results[fmt], f"{fmt} vs pt")
+    if models != "four":
+        return
     # The 6-channel model reads each IR file as 3 channels (the model says 6) and predicts what the 4-channel one does.
+    six = request.getfixturevalue("six")
     for fmt in FORMATS:
         assert_same_boxes(results["pt"], predict(six.weights[fmt], [str(p) for p in six.images[:3]]), f"6-ch {fmt}")
 
 
-def test_predict_reads_the_ir_frame(four, tmp_path):
+@pytest.mark.parametrize("models", ["four", "four26"])
+def test_predict_reads_the_ir_frame(models, request, tmp_path):
     """The same RGB frame with a black IR frame gives other predictions: the IR file reaches the network."""
+    four = request.getfixturevalue(models)
     rgb = four.images[0]
     dark = tmp_path / "images" / rgb.name
     dark.parent.mkdir(parents=True)
@@ -142,7 +155,9 @@ def test_predict_reads_the_ir_frame(four, tmp_path):
         assert a.shape != b.shape or not torch.allclose(a, b, rtol=0.01), f"{fmt}: the IR frame made no difference"
 
 
-def test_paired_video_same_boxes_in_every_format_and_saved_side_by_side(four, tmp_path):
+@pytest.mark.parametrize("models", ["four", "four26"])
+def test_paired_video_same_boxes_in_every_format_and_saved_side_by_side(models, request, tmp_path):
+    four = request.getfixturevalue(models)
     video = paired_video(four, tmp_path / "clip")
     results = {}
     for fmt in FORMATS:
@@ -225,7 +240,9 @@ def test_predict_on_a_stacked_tensor(four):
 
 
 # -------------------------------------------------------------------------------------------------- saved results
-def test_saved_prediction_is_rgb_and_ir_side_by_side(four, tmp_path):
+@pytest.mark.parametrize("models", ["four", "four26"])
+def test_saved_prediction_is_rgb_and_ir_side_by_side(models, request, tmp_path):
+    four = request.getfixturevalue(models)
     image = four.images[0]
     (r,) = predict(four.weights["onnx"], str(image), save=True, project=str(tmp_path), name="wide")
     h, w = r.orig_shape
@@ -260,7 +277,7 @@ def test_pair_results_draw_each_box_on_both_halves():
 
 
 # ------------------------------------------------------------------------------------------------------------- val
-@pytest.mark.parametrize("models", ["four", "six"])
+@pytest.mark.parametrize("models", ["four", "six", "four26"])
 def test_val_parity_across_formats(models, request, tmp_path):
     models = request.getfixturevalue(models)
     metrics, predictions = {}, {}

@@ -34,6 +34,7 @@ ARCHIVE_LOCK_WAIT_S = 60.0  # archiving waits this long for a cleanup of the run
 RUN_FILES = (
     "weights",  # last.pt, last.prev.pt, best.pt, epochN.pt (save_period), last.pt.corrupt
     "args.yaml",
+    "model-*.yaml",  # the architecture the run trains (yolofuse.fuse.write)
     "results.csv",
     "sensors.csv",  # best.pt validated per sensor (yolofuse.sensors)
     "results.png",

@@ -64,7 +64,7 @@ def side_by_side(batch: dict) -> dict:
     return {**batch, **wide}
 
 
-class FuseTrainer(ddp.CpuSwitch, DetectionTrainer):
+class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
     """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run.
 
     Takes one argument stock does not: `modality_dropout` (see `sensors`), kept in `args` from then on.

@@ -1,10 +1,13 @@
 """Start a fused RGB+IR model from a pretrained single-stream Ultralytics detection checkpoint (e.g. yolov8n.pt).
 
-Which fused layer takes which checkpoint layer is read from the two model definitions (their yaml layer lists):
-- each `Modality` layer starts a stream, and the stream's layers must repeat the checkpoint's backbone, layer for
-  layer (module, repeats, args, inputs); a model without `Modality` layers (early fusion) has one backbone from layer 0;
-- a `Concat` of the two streams at the same depth, followed by a 1x1 `Conv`, is a fusion layer: the neck reads it
-  where the checkpoint's neck reads that depth of its backbone;
+Which fused layer takes which checkpoint layer is read from the two model definitions (their yaml layer lists), the
+same way for the project's hand-written yamls and for those `yolofuse.fuse` makes from any stock family:
+- each `Modality` layer starts a stream, and the stream's layers must repeat the checkpoint's backbone from its first
+  layer, layer for layer (module, repeats, args, inputs), all of it (mid fusion) or up to a fusion (p3); a model
+  without `Modality` layers (early fusion) has one backbone from layer 0;
+- a `Concat` of the two streams at the same depth, followed by a 1x1 `Conv`, is a fusion layer: what follows reads it
+  where the checkpoint reads that depth of its backbone; backbone layers after the fusions go on with the
+  checkpoint's next backbone layer (p3);
 - the layers after the backbone must repeat the checkpoint's neck and head, reading the same inputs.
 
 Then each checkpoint layer is put at the index of its fused counterpart(s), and stock `DetectionModel.load` matches
@@ -30,6 +33,7 @@ from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, GITHUB_ASSETS_REPO,
 
 from yolofuse import checkpoint, settings
 from yolofuse.checkpoint import CheckpointError
+from yolofuse.fuse import inputs
 from yolofuse.nn import RGB_CHANNELS
 
 STREAM = {"rgb": "RGB stream", "ir": "IR stream", None: "backbone"}  # part names, by the stream's Modality argument
@@ -51,9 +55,7 @@ def start_from(model, weights: Path, data: Path, init: str = "mean") -> str:
     file and the mismatch. Returns the one-line summary of what was transferred.
     """
     settings.check({"FUSION_INIT": init})
-    weights = locate(weights)
-    source = checkpoint.load(weights)
-    source = (source.get("ema") or source["model"]).float()
+    source = _source(weights)
     config = check_det_dataset(str(data))
     fused = type(model.model)(model.cfg, ch=config["channels"], nc=config["nc"], verbose=False)
     fused.names = config["names"]  # stock load keeps the rows of same-named classes, as the trainer's load does
@@ -64,9 +66,23 @@ def start_from(model, weights: Path, data: Path, init: str = "mean") -> str:
     return summary
 
 
-def locate(weights: Path) -> Path:
-    """The checkpoint file. A missing stock asset (yolov8n.pt, ...) is downloaded there by Ultralytics' own download,
-    only when Ultralytics considers the machine online: never with YOLO_OFFLINE=1, which yolofuse sets by default."""
+def check(weights: Path, cfg: dict) -> None:
+    """CheckpointError, naming the file and the mismatch, if `weights` cannot start the model of the yaml `cfg`.
+
+    The launcher asks before it changes anything; `start_from` checks the same again when it transfers."""
+    check_fits(_source(weights), cfg, weights)
+
+
+def _source(weights: Path) -> nn.Module:
+    """The single-stream model in the checkpoint file (its EMA where it has one), in FP32."""
+    ckpt = checkpoint.load(locate(weights))
+    return (ckpt.get("ema") or ckpt["model"]).float()
+
+
+def locate(weights: Path, setting: str = "WEIGHTS") -> Path:
+    """The checkpoint file that `setting` names. A missing stock asset (yolov8n.pt, ...) is downloaded there by
+    Ultralytics' own download, only when Ultralytics considers the machine online: never with YOLO_OFFLINE=1, which
+    yolofuse sets by default."""
     failed = ""
     if not weights.is_file() and weights.name in GITHUB_ASSETS_NAMES and is_online():
         try:
@@ -81,8 +97,8 @@ def locate(weights: Path) -> Path:
             "(or run with YOLO_OFFLINE=0 to let Ultralytics download it)"
         )
     else:
-        where = "put an Ultralytics detection checkpoint there (e.g. yolov8n.pt), or fix WEIGHTS"
-    raise CheckpointError(f"{weights}: WEIGHTS not found{failed}; {where}")
+        where = f"put an Ultralytics detection checkpoint there (e.g. yolov8n.pt), or fix {setting}"
+    raise CheckpointError(f"{weights}: {setting} not found{failed}; {where}")
 
 
 @dataclass
@@ -96,49 +112,67 @@ class LayerMap:
 
 
 def layer_map(ours: dict, theirs: dict, weights: Path) -> LayerMap:
-    """Match the fused model's yaml layers to the checkpoint's; CheckpointError names the first layer that differs."""
-    layers, backbone, head = ours["backbone"] + ours["head"], theirs["backbone"], theirs["head"]
-    src_layers = backbone + head
+    """Match the fused model's yaml layers to the checkpoint's; CheckpointError names the first layer that differs.
 
-    def inputs(entries: list, j: int) -> list[int]:
-        f = entries[j][0]
-        return [j + x if x < 0 else x for x in (f if isinstance(f, list) else [f])]
+    Read in order, each fused layer is one of: a `Modality` layer, which starts a stream at the checkpoint's first
+    layer; a `Concat` of the two streams at one depth with the 1x1 `Conv` after it, which stands for that depth
+    (fusion); or the next checkpoint layer, built alike and reading what it reads: in a stream, in the backbone
+    that goes on from the last fusion (p3), or, after the backbone, in the neck and head.
+    """
+    layers, src_layers = ours["backbone"] + ours["head"], theirs["backbone"] + theirs["head"]
+    first_head = len(ours["backbone"])
 
-    def check(j: int, i: int, stands_for: dict[int, int]) -> None:
-        """Layer j must be built like checkpoint layer i, and read what i reads (layer 0 reads the image)."""
+    def check(j: int, i: int) -> None:
+        """Layer j must be built like checkpoint layer i, and read what i reads (-1: the image)."""
         if (
             j >= len(layers)
+            or i >= len(src_layers)
             or layers[j][1:] != src_layers[i][1:]
-            or (i > 0 and [stands_for.get(x) for x in inputs(layers, j)] != inputs(src_layers, i))
+            or [stands_for.get(x) for x in inputs(layers, j)] != inputs(src_layers, i)
         ):
             found = f"{layers[j][2]} reading {layers[j][0]}" if j < len(layers) else "missing"
+            theirs_i = f"{src_layers[i][2]} reading {src_layers[i][0]}" if i < len(src_layers) else "missing"
             raise CheckpointError(
                 f"{weights}: does not fit MODEL {_name(ours)}: its layer {j} is {found}, the checkpoint's "
-                f"({_name(theirs)}) layer {i} is {src_layers[i][2]} reading {src_layers[i][0]}; "
-                "use a detection checkpoint of MODEL's family"
+                f"({_name(theirs)}) layer {i} is {theirs_i}; use a detection checkpoint of MODEL's family"
             )
 
-    streams = {j + 1: args[0] for j, (_, _, m, args) in enumerate(layers) if m == "Modality"} or {0: None}
-    source, part = {}, {}
-    for start, modality in streams.items():
-        in_stream = {start + p: p for p in range(len(backbone))}
-        for j, p in in_stream.items():
-            check(j, p, in_stream)
-            source[j], part[j] = p, STREAM[modality]
-    # What the neck may read: the backbone (one stream), or a fusion conv standing for the depth it fuses (two)
-    stands_for, fusions = (dict(source) if len(streams) == 1 else {}), []
-    for j in range(1, len(ours["backbone"])):
-        f, _, m, args = layers[j]
-        concat = inputs(layers, j - 1) if layers[j - 1][2] == "Concat" else []
+    stands_for = {-1: -1}  # our layer -> the checkpoint layer whose output it carries (-1: the image)
+    source, part, streams, fusions = {}, {}, {}, []
+    modalities = {j: args[0] for j, (_, _, m, args) in enumerate(layers) if m == "Modality"}
+    at, now = 0, STREAM[None]  # the checkpoint layer the next copied layer must be, and the part it belongs to
+    j = 0
+    while j < first_head:
+        concat = inputs(layers, j) if layers[j][2] == "Concat" else []
         depths = {source.get(x) for x in concat}
-        one_from_each = len(concat) == len(streams) == 2 and len({part.get(x) for x in concat}) == 2
-        if one_from_each and len(depths) == 1 and None not in depths and (f, m, args[1:2]) == (-1, "Conv", [1]):
-            stands_for[j] = depths.pop()
-            fusions.append(j)
-    first_head = len(ours["backbone"])
+        if j in modalities:
+            streams[j + 1], now, at = modalities[j], STREAM[modalities[j]], 0
+            stands_for[j] = -1
+        elif modalities and not streams:
+            pass  # before the first stream: the stacked input, passed on (layer 0, nn.Identity)
+        elif (
+            len(concat) == len(streams) == 2
+            and len({part.get(x) for x in concat} & {STREAM["rgb"], STREAM["ir"]}) == 2
+            and len(depths) == 1
+            and j + 1 < first_head
+            and (layers[j + 1][0], layers[j + 1][2], layers[j + 1][3][1:2]) == (-1, "Conv", [1])
+        ):
+            if not fusions:  # from here on the streams are read through their fusions only
+                stands_for = {x: d for x, d in stands_for.items() if part.get(x) not in (STREAM["rgb"], STREAM["ir"])}
+            at = depths.pop() + 1
+            stands_for[j + 1], now = at - 1, STREAM[None]
+            fusions.append(j + 1)
+            j += 1
+        else:
+            streams = streams or {0: None}  # no Modality layer: one backbone on the stacked input (early fusion)
+            check(j, at)
+            source[j], part[j], stands_for[j] = at, now, at
+            at += 1
+        j += 1
+    head = theirs["head"]
     for k in range(len(head)):
-        j, i = first_head + k, len(backbone) + k
-        check(j, i, stands_for)
+        j, i = first_head + k, len(theirs["backbone"]) + k
+        check(j, i)
         stands_for[j], source[j], part[j] = i, i, NECK
     if len(layers) != first_head + len(head):
         raise CheckpointError(
@@ -151,7 +185,7 @@ def layer_map(ours: dict, theirs: dict, weights: Path) -> LayerMap:
 def transfer(source: nn.Module, fused: nn.Module, weights: Path, init: str = "mean") -> str:
     """Copy `source` (a single-stream DetectionModel) into `fused` in place, the fusion as `init` says (INITS);
     returns the one-line summary."""
-    plan = check_fits(source, fused, weights)
+    plan = check_fits(source, fused.yaml, weights)
     src_layers, src_names = list(source.model), source.names
     rgb_filters = _first_conv(src_layers[0]).weight.detach().clone()
     # The checkpoint's layers at the indices of their fused counterparts (one module at two indices for two streams):
@@ -186,19 +220,20 @@ def transfer(source: nn.Module, fused: nn.Module, weights: Path, init: str = "me
     return _summary(fused, plan, theirs, src_names, weights, first_conv, init)
 
 
-def check_fits(source: nn.Module, fused: nn.Module, weights: Path) -> LayerMap:
-    """The layer map, or CheckpointError naming the file and why it cannot start `fused`: task, family, scale, input."""
+def check_fits(source: nn.Module, cfg: dict, weights: Path) -> LayerMap:
+    """The layer map, or CheckpointError naming the file and why it cannot start the model of the yaml `cfg`: task,
+    family, scale, input."""
     task = guess_model_task(source)
     if task != "detect":
         raise CheckpointError(
             f"{weights}: a {task} checkpoint ({_name(source.yaml)}); WEIGHTS needs a detection checkpoint of "
             "MODEL's family and scale (e.g. yolov8n.pt for yolov8n-fuse.yaml)"
         )
-    plan = layer_map(fused.yaml, source.yaml, weights)
-    scale, src_scale = fused.yaml.get("scale"), source.yaml.get("scale")
+    plan = layer_map(cfg, source.yaml, weights)
+    scale, src_scale = cfg.get("scale"), source.yaml.get("scale")
     if scale and src_scale and scale != src_scale:
         raise CheckpointError(
-            f"{weights}: scale {src_scale} ({_name(source.yaml)}), but MODEL {_name(fused.yaml)} is scale {scale}; "
+            f"{weights}: scale {src_scale} ({_name(source.yaml)}), but MODEL {_name(cfg)} is scale {scale}; "
             f"use the scale-{scale} checkpoint (or a scale-{src_scale} MODEL)"
         )
     channels = _first_conv(source.model[0]).in_channels
@@ -239,7 +274,8 @@ def _summary(
     parts[STREAM[list(plan.streams.values())[-1]]] += f" ({first_conv})"
     line = f"Transferred from {weights.name}: " + ", ".join(parts.values())
     if plan.fusions:
-        line += f"; fusion: {len(plan.fusions)} 1x1 convs start as {INITS[init]}"
+        n = len(plan.fusions)
+        line += f"; fusion: {n} 1x1 conv{'s start' if n > 1 else ' starts'} as {INITS[init]}"
     if unmatched:
         line += f"; layers {', '.join(map(str, sorted(unmatched)))} have no counterpart there and start at random"
     if class_outputs:

@@ -17,6 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from yolofuse.fuse import FUSIONS  # yaml and the standard library only: this module stays free of torch
+
 ROOT = Path(__file__).resolve().parents[1]  # the launcher's folder
 LAUNCHER = ROOT / "train_dual.py"
 
@@ -160,6 +162,7 @@ def device(value):
 CHECKS = {  # every constant of train_dual.py: what it may be
     "DATA": text,
     "MODEL": text,
+    "FUSION": one_of(*FUSIONS),
     "WEIGHTS": optional_text,
     "FUSION_INIT": one_of("mean", "rgb", "ir"),  # pretrained.INITS
     "RUNS_DIR": text,  # and check_run_folder
