@@ -8,13 +8,14 @@ import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import ROOT, killer_cmd, make_dataset, run_train_dual
 
-from yolofuse import checkpoint, sensors
+from yolofuse import YOLO, checkpoint, fuse, sensors
 from yolofuse.engine import FuseTrainer
 
 MID = ROOT / "yolov8n-fuse.yaml"
@@ -102,6 +103,38 @@ def test_a_bad_value_is_refused_in_one_line_before_anything_changes(tmp_path, ti
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"error: {says}"]
     assert not runs.exists()
+
+
+@pytest.mark.parametrize(
+    "family, fusion",
+    [
+        ("yolov8n", "mid"),
+        ("yolo11n", "mid"),
+        ("yolo12n", "mid"),
+        ("yolo26n", "mid"),
+        ("yolo26n", "p3"),
+        ("yolo26n", "early"),
+    ],
+)
+def test_per_sensor_val_blanks_the_input_of_every_family(family, fusion, tmp_path):
+    """Each family fuse.py makes RGB+IR (untrained: its mAP is 0, what matters is its input): val(sensors=True) gives
+    the model the pairs, then the pairs with IR blanked, then with RGB blanked, and reports the three rows."""
+    data = make_dataset(tmp_path / "data", n_train=0, n_val=2)
+    model = YOLO(str(fuse.write(fuse.resolve(Path(f"{family}.yaml"), fusion), tmp_path)))
+    seen = []  # per forward pass: which sensor's channels are all blank
+
+    def record(module, inputs):
+        x = inputs[0]
+        if x.shape[-2] != 64:  # the model summary's FLOPs passes (32 high) when a validator fuses it: not images
+            return
+        blank = sensors.BLANK / 255
+        seen.append("rgb" if (x[:, :3] == blank).all() else "ir" if (x[:, 3:] == blank).all() else None)
+
+    model.model.register_forward_pre_hook(record)
+    model.val(data=str(data), imgsz=64, batch=1, sensors=True, plots=False, verbose=False, project=str(tmp_path))
+    assert seen == [None, None, "ir", "ir", "rgb", "rgb"], seen  # 2 val pairs, one at a time
+    assert list(model.sensor_metrics) == list(sensors.CASES)
+    assert (tmp_path / "val" / sensors.CSV_NAME).is_file()
 
 
 def test_sensors_csv_is_archived_with_its_run(tmp_path):
