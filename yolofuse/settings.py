@@ -247,7 +247,11 @@ ON_RESUME = {
     "CACHE": ("cache", "changes", ""),
     "PATIENCE": ("patience", "changes", ""),
     "CLOSE_MOSAIC": ("close_mosaic", "changes", ""),
-    "MODALITY_DROPOUT": ("modality_dropout", "changes", "samples are blanked at the new rate from here on"),
+    "MODALITY_DROPOUT": (
+        "modality_dropout",
+        "changes",
+        "other samples are blanked, so the run is no longer an exact replay",
+    ),
     "WORKERS": ("workers", "this machine", ""),
     "NBS": ("nbs", "fixed", "it sets how many images each optimizer step averages, which the run was tuned with"),
     "IMGSZ": ("imgsz", "fixed", "the model has learned at its size; lower BATCH instead to save memory"),
