@@ -19,7 +19,7 @@ import torch
 import yaml
 
 import cleanup  # imports yolofuse first, which keeps Ultralytics offline
-from yolofuse import YOLO, checkpoint, ddp, fuse, pretrained, settings
+from yolofuse import YOLO, checkpoint, ddp, fuse, pretrained, sensors, settings
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.data import DatasetError, check_dataset, read_config
 from yolofuse.fuse import FuseError
@@ -32,6 +32,7 @@ DATA = "data_config.yaml"  # paired RGB+IR dataset config (its comments show how
 MODEL = "yolov8n-fuse.yaml"  # fresh runs: an RGB+IR yaml, a stock yaml (yolo11s.yaml) or stock weights (yolo26n.pt)
 FUSION = "mid"  # how a stock MODEL is made RGB+IR: "mid" (two backbones), "p3" (two up to stride 8) or "early"
 WEIGHTS = None  # a fresh run starts from this Ultralytics detection checkpoint (e.g. "yolov8n.pt"); None: random
+FUSION_INIT = "mean"  # from weights: the fusion starts as the "mean" of both streams, or as the "rgb" or "ir" one alone
 RUNS_DIR = "runs/fuse"  # the live run trains here; finished runs are archived to RUNS_DIR/expN
 EPOCHS = 100  # total epochs; raise it and re-run to extend an unfinished run
 BATCH = 16  # images per batch
@@ -43,6 +44,7 @@ SEED = 0  # random seed, for repeatable runs
 PATIENCE = 100  # early stopping: epochs without improvement before stopping
 CLOSE_MOSAIC = 10  # the last this many epochs train without mosaic augmentation
 CACHE = False  # cache decoded image pairs: False, "ram" or "disk"
+MODALITY_DROPOUT = 0.0  # fraction of training samples with one sensor (RGB or IR, at random) blanked; 0.0: off
 KEEP_LATEST = 3  # cleanup keeps this many newest experiments in RUNS_DIR...
 MAP_WHITELIST = 0.8  # ...and every experiment whose best mAP50 is at least this
 CLEANUP_EVERY = 10  # prune old experiments every this many epochs (and at once when the disk is nearly full)
@@ -158,7 +160,8 @@ def main() -> int:
             if conflicts:
                 fix = f"restore DATA, or start a new experiment by moving {runs_dir / 'weights'} away"
                 raise CheckpointError(f"{found.checkpoint}: {conflicts[0]}; {fix}")
-            changes, lines = settings.resume_changes(current_settings(), given, found.ckpt.get("train_args", {}))
+            run_args = {sensors.DROPOUT_ARG: 0.0, **found.ckpt.get("train_args", {})}  # older runs: no dropout
+            changes, lines = settings.resume_changes(current_settings(), given, run_args)
             for note in notes + lines:
                 print(f"  {note}")
             if WEIGHTS:
@@ -169,6 +172,8 @@ def main() -> int:
                 print(f"  {note}")
             if fresh.weights:  # refuses, in one line, a checkpoint that does not fit the model
                 pretrained.check(fresh.weights, fresh.cfg)
+            elif FUSION_INIT != "mean":
+                print(f"  FUSION_INIT={FUSION_INIT} ignored: there are no weights to start from")
         if found.state in ("finished", "corrupt"):
             print(f"Archived the previous run as {checkpoint.archive_run(runs_dir, archive_dir, backup_dir)}.")
         elif found.state == "unfinished" and found.checkpoint != last:
@@ -184,9 +189,9 @@ def main() -> int:
         else:  # the model's yaml is written into the run folder and built from there (a resume: from last.pt)
             model = YOLO(str(fuse.write(fresh, runs_dir)))
             if fresh.weights:
-                print(pretrained.start_from(model, fresh.weights, data))
+                print(pretrained.start_from(model, fresh.weights, data, FUSION_INIT))
             args.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
-            args.update(close_mosaic=CLOSE_MOSAIC, exist_ok=True)
+            args.update(close_mosaic=CLOSE_MOSAIC, modality_dropout=MODALITY_DROPOUT, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
         ddp.send(model, args)  # torchrun: the other ranks train this model with these settings
         model.train(**args)

@@ -9,7 +9,8 @@ Each rank R appends JSON lines to <folder>/rank<R>.jsonl:
     {"epoch": e, "write": path}                  each file the worker opens for writing, renames, links or removes,
                                                  from Python's audit events (e: the 0-based epoch, -1 before training)
     {"epoch": e, "prune": runs_dir}              each call of cleanup.prune
-    {"start_epoch": s, "world_size": w}          after the trainer's setup, resume included
+    {"start_epoch": s, "world_size": w,          after the trainer's setup, resume included
+     "modality_dropout": d}
 and saves its optimizer state after setup to <folder>/rank<R>.optimizer.pt.
 
 KILLER_DDP_PAUSE=<rank>:<epoch>:<when>: on that rank, in that 0-based epoch, at <when>, write <folder>/paused (the
@@ -63,7 +64,8 @@ def on_pretrain_routine_end(trainer) -> None:
         import torch
 
         torch.save(trainer.optimizer.state_dict(), Path(FOLDER) / f"rank{RANK}.optimizer.pt")
-        record(start_epoch=trainer.start_epoch, world_size=trainer.world_size)
+        dropout = trainer.train_loader.dataset.modality_dropout
+        record(start_epoch=trainer.start_epoch, world_size=trainer.world_size, modality_dropout=dropout)
 
 
 def _pause_here(when: str) -> None:

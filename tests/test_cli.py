@@ -17,7 +17,7 @@ import pytest
 import ultralytics
 from conftest import ROOT, write_video
 
-from yolofuse import YOLO, DatasetError
+from yolofuse import YOLO, DatasetError, sensors
 from yolofuse.data import ir_path
 
 IMGSZ = 64
@@ -157,6 +157,16 @@ def test_val_prints_the_map_of_the_python_call(trained, env, tmp_path):
     assert box.map50 > 0.05, "a model that finds nothing would print the same zeros either way"
     assert printed[3:] == [f"{v:.3g}" for v in (box.mp, box.mr, box.map50, box.map)]
     assert (tmp_path / "runs" / "detect" / "val").is_dir()
+
+
+def test_val_with_sensors_prints_the_per_sensor_table_of_the_python_call(trained, env, tmp_path):
+    args = (f"model={trained.pt}", f"data={trained.data}", f"imgsz={VAL_IMGSZ}", "plots=False")
+    run = cli(env, tmp_path, "val", *args, "sensors=True")
+    assert run.returncode == 0, run.stderr
+    model = YOLO(str(trained.pt))
+    model.val(data=str(trained.data), imgsz=VAL_IMGSZ, plots=False, project=str(tmp_path / "api"), sensors=True)
+    assert sensors.table(model.sensor_metrics) in run.stdout + run.stderr
+    assert (tmp_path / "runs" / "detect" / "val" / sensors.CSV_NAME).is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------- export

@@ -40,6 +40,7 @@ DEVICE = os.environ.get("YOLOFUSE_TEST_DDP_DEVICE", "cpu")  # "cpu": 2 CPU ranks
 EPOCHS = 3
 POLICY = ("CLEANUP_EVERY=2", "KEEP_LATEST=1", "MAP_WHITELIST=0.9", "MIN_FREE_GB=0")  # prune due after epoch 2 only
 MOSAIC = "CLOSE_MOSAIC=0"  # mosaic in every epoch: the one after a resume draws from the restored buffers
+DROPOUT = 0.5  # MODALITY_DROPOUT: half the samples with one sensor blanked, on both ranks, replayed on resume
 LAUNCH_TIMEOUT = 420  # s for one launch; 10 to 50 s on a 2-core CPU, depending on the other jobs
 WORKERS_GONE_TIMEOUT = 30  # s
 DONE = re.compile(r"^Done\. best\.pt: (\S+)  mAP50 (\S+)  mAP50-95 (\S+)$", re.MULTILINE)
@@ -101,6 +102,7 @@ class Launch(Probed):
             f"EPOCHS={EPOCHS}",
             f"DEVICE={DEVICE}",
             MOSAIC,
+            f"MODALITY_DROPOUT={DROPOUT}",
             *POLICY,
         )
         with open(self.folder / "stdout", "w") as out, open(self.folder / "stderr", "w") as err:
@@ -169,7 +171,7 @@ def final_state(runs: Path) -> tuple[dict, pd.DataFrame]:
 
 
 def setup_of(launch: Launch) -> dict[int, dict]:
-    """rank -> its record after the trainer's setup (start_epoch, world_size)."""
+    """rank -> its record after the trainer's setup (start_epoch, world_size, modality_dropout)."""
     return {rank: next(e for e in log if "start_epoch" in e) for rank, log in launch.ranks().items()}
 
 
@@ -178,7 +180,7 @@ def assert_resumed_at_epoch_3(launch: Launch, saved: dict, exact: dict) -> None:
     dict, `exact` its exact-resume state (`replay.load_state`)."""
     assert sorted(setup_of(launch)) == [0, 1], launch.tail()
     for rank, setup in setup_of(launch).items():
-        assert setup == {"start_epoch": 2, "world_size": 2}, (rank, setup)
+        assert setup == {"start_epoch": 2, "world_size": 2, "modality_dropout": DROPOUT}, (rank, setup)
         resumed = load_ckpt(launch.folder / f"rank{rank}.optimizer.pt")
         assert_same_optimizer_state(exact["optimizer"], resumed, exact=True)  # stock's, with what it rounds in FP32
         assert_same_optimizer_state(saved["optimizer"], resumed, exact=False)  # the stock FP16 one
@@ -310,7 +312,8 @@ def test_fresh_run_trains_every_epoch_and_only_rank_0_writes(story, fresh):
     launch = fresh.launch
     assert fresh.rc == 0, launch.tail()
     assert DEVICE != "cpu" or "2 CPU processes" in launch.stdout, launch.tail()
-    assert setup_of(launch) == {r: {"start_epoch": 0, "world_size": 2} for r in (0, 1)}, launch.tail()
+    setup = {"start_epoch": 0, "world_size": 2, "modality_dropout": DROPOUT}
+    assert setup_of(launch) == {r: setup for r in (0, 1)}, launch.tail()
     assert fresh.csv == [1, 2, 3]
     assert fresh.state == "finished", "the final strip did not happen"
     assert written(launch, 1, story.runs) == [], "rank 1 wrote into the run folder"

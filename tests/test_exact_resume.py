@@ -1,5 +1,5 @@
-"""A run killed and re-run ends bit-identical to the uninterrupted run (CPU), with gradient accumulation and mosaic;
-the train loader gives the same batches for any number of workers and across a restart.
+"""A run killed and re-run ends bit-identical to the uninterrupted run (CPU), with gradient accumulation, mosaic and
+modality dropout; the train loader gives the same batches for any number of workers and across a restart.
 """
 
 import os
@@ -60,9 +60,9 @@ def test_kill_in_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path):
     # 6 pairs: 2 batches per epoch (4 + 2). Warm-up (3 epochs in Ultralytics 8.4) ramps accumulation from 1 to 4:
     # the optimizer steps at batches 0, 2 and 6. Killed after epoch 2 (batches 0-3), batch 3's gradient is in the
     # open window; stock would step at batch 4 on batch 4 alone, the uninterrupted run steps at 6 on batches 3-6.
-    # Mosaic is on for epochs 1-3 and closed for epoch 4.
+    # Mosaic is on for epochs 1-3 and closed for epoch 4. Half the samples have one sensor blanked (modality dropout).
     data = make_dataset(tmp_path / "data", n_train=6)
-    assert_killed_run_replays_straight_run(tmp_path, data, 4, 2, "CLOSE_MOSAIC=1")
+    assert_killed_run_replays_straight_run(tmp_path, data, 4, 2, "CLOSE_MOSAIC=1", "MODALITY_DROPOUT=0.5")
 
 
 def test_kill_after_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path):

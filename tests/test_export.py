@@ -22,7 +22,7 @@ from conftest import make_dataset, write_video
 from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.utils import LOGGER
 
-from yolofuse import YOLO, DatasetError
+from yolofuse import YOLO, DatasetError, sensors
 from yolofuse.data import ir_path
 from yolofuse.engine import PairResults
 
@@ -308,6 +308,70 @@ def test_val_parity_across_formats(models, request, tmp_path):
             b = predictions[fmt][name]
             assert_rows_found(a[a[:, 5] > 0.0011], b, tol=1 / 256, what=f"val, {fmt} vs pt, {name}")
             assert_rows_found(b[b[:, 5] > 0.0011], a, tol=1 / 256, what=f"val, pt vs {fmt}, {name}")
+
+
+def flat_frames(data: Path, sensor: str, root: Path) -> Path:
+    """A copy of the val pairs of `data` whose `sensor` frames are flat BLANK images, as a dead camera whose feed is
+    filled in with the blank would give; returns its data yaml."""
+    shutil.copytree(data.parent / "labels" / "val", root / "labels" / "val")
+    for rgb in sorted((data.parent / "images" / "val").iterdir()):
+        pair = {"images": rgb, "imagesIR": ir_path(rgb)}
+        for folder, src in pair.items():
+            dst = root / folder / "val" / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if folder == ("images" if sensor == "rgb" else "imagesIR"):
+                im = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+                dst = dst.with_suffix(".png")  # lossless: every pixel stays 114
+                cv2.imwrite(str(dst), np.full_like(im, sensors.BLANK))
+            else:
+                shutil.copyfile(src, dst)
+    config = data.read_text().replace(f"path: {data.parent}", f"path: {root}")
+    (root / "data.yaml").write_text(config)
+    return root / "data.yaml"
+
+
+@pytest.mark.parametrize("models", ["four", "six"])
+def test_per_sensor_val_blanks_like_flat_frames_in_every_format(models, request, tmp_path):
+    """`val(sensors=True)` gives the mAP of both sensors, of RGB only and of IR only: for the .pt exactly what plain
+    val gives on copies of the val set with flat 114 IR, then RGB, frames; for the exports the same within 0.005."""
+    models = request.getfixturevalue(models)
+    kwargs = dict(imgsz=IMGSZ, batch=1, rect=False, plots=False, verbose=False, project=str(tmp_path))
+    reference = {}
+    for case, data in {
+        "both": models.data,
+        "rgb only": flat_frames(models.data, "ir", tmp_path / "ir_flat"),
+        "ir only": flat_frames(models.data, "rgb", tmp_path / "rgb_flat"),
+    }.items():
+        box = YOLO(str(models.weights["pt"])).val(data=str(data), **kwargs).box
+        reference[case] = {"mAP50": box.map50, "mAP50-95": box.map}
+    assert len({row["mAP50-95"] for row in reference.values()}) == 3, f"blanking a sensor changed nothing: {reference}"
+    for fmt in FORMATS:
+        model = YOLO(str(models.weights[fmt]))
+        metrics = model.val(data=str(models.data), sensors=True, name=fmt, **kwargs)
+        rows = model.sensor_metrics
+        assert metrics.box.map == rows["both"]["mAP50-95"]  # the return value is stock's, both sensors
+        assert (tmp_path / fmt / sensors.CSV_NAME).is_file()
+        for case, row in reference.items():
+            for key, value in row.items():
+                tol = 0 if fmt == "pt" else 0.005
+                assert math.isclose(rows[case][key], value, abs_tol=tol), (fmt, case, key, rows[case][key], value)
+
+
+def test_training_stores_the_per_sensor_rows_in_best_pt(four):
+    """The fixture's training ended with the per-sensor validation of best.pt: in best.pt and sensors.csv, the rows
+    val(sensors=True) gives with the trainer's val settings."""
+    best = four.weights["pt"]
+    stored = torch.load(best, map_location="cpu", weights_only=False)[sensors.CKPT_KEY]
+    model = YOLO(str(best))
+    model.val(data=str(four.data), imgsz=IMGSZ, batch=8, sensors=True, plots=False, verbose=False)
+    assert stored.keys() == model.sensor_metrics.keys() == sensors.CASES.keys()
+    for case, row in stored.items():
+        assert row == pytest.approx(model.sensor_metrics[case], abs=1e-9), case
+    csv = (best.parent.parent / sensors.CSV_NAME).read_text().splitlines()
+    assert csv[0] == "sensors,blanked,mAP50,mAP50-95"
+    assert [line.split(",")[:2] for line in csv[1:]] == [["both", "none"], ["rgb only", "ir"], ["ir only", "rgb"]]
+    for line, row in zip(csv[1:], stored.values()):
+        assert [float(x) for x in line.split(",")[2:]] == pytest.approx(list(row.values()), abs=1e-5)
 
 
 def test_openvino_where_installed(four):

@@ -29,6 +29,7 @@ import psutil
 import pytest
 from conftest import killer_cmd, make_dataset, make_old_experiments
 from test_ddp import (
+    DROPOUT,
     EPOCHS,
     LAUNCH_TIMEOUT,
     MOSAIC,
@@ -84,6 +85,7 @@ class Job(Probed):
                 torchrun += [f"--nnodes={NODES}", "--nproc-per-node=1", "--rdzv-backend=c10d"]
                 torchrun += [f"--rdzv-endpoint=127.0.0.1:{port}", f"--local-addr=127.0.0.{node + 1}"]
             args = (f"RUNS_DIR={runs[node]}", f"DATA={story.data}", f"EPOCHS={EPOCHS}", "DEVICE=cpu", MOSAIC, *POLICY)
+            args += (f"MODALITY_DROPOUT={DROPOUT}",)
             cmd = torchrun + killer_cmd(*args, *settings)[1:]
             with open(self.folder / f"node{node}", "w") as out:
                 self.nodes.append(
@@ -255,7 +257,8 @@ def not_shared(story, fresh):
 def test_fresh_run_trains_every_epoch_once_and_only_rank_0_writes(story, fresh):
     job = fresh.job
     assert fresh.rcs == [0, 0], job.tail()
-    assert setup_of(job) == {r: {"start_epoch": 0, "world_size": 2} for r in (0, 1)}, job.tail()
+    setup = {"start_epoch": 0, "world_size": 2, "modality_dropout": DROPOUT}
+    assert setup_of(job) == {r: setup for r in (0, 1)}, job.tail()
     assert fresh.csv == [1, 2, 3], "an epoch is missing or repeated (or the stale row survived)"
     assert fresh.state == "finished"
     assert written(job, 1, story.runs) == [], "rank 1 wrote into the run folder"
@@ -359,7 +362,8 @@ def test_runs_dir_not_shared_is_refused_on_every_node_and_nothing_changes(story,
 def test_one_node_with_two_processes_trains_as_two_nodes_do(fresh, one_node):
     job = one_node.job
     assert one_node.rcs == [0], job.tail()
-    assert setup_of(job) == {r: {"start_epoch": 0, "world_size": 2} for r in (0, 1)}, job.tail()
+    setup = {"start_epoch": 0, "world_size": 2, "modality_dropout": DROPOUT}
+    assert setup_of(job) == {r: setup for r in (0, 1)}, job.tail()
     assert written(job, 1, one_node.runs) == [], "rank 1 wrote into the run folder"
     (two_nodes, two_nodes_csv), (one, one_csv) = fresh.final, one_node.final
     different = [k for k in two_nodes if not two_nodes[k].equal(one[k])]

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 import ultralytics
@@ -21,8 +22,9 @@ from ultralytics.utils import ROOT as ULTRALYTICS_ROOT
 from ultralytics.utils import YAML
 
 import yolofuse
-from yolofuse import pretrained
+from yolofuse import fuse, pretrained
 from yolofuse.checkpoint import CheckpointError
+from yolofuse.data import load_pair
 
 MID = ROOT / "yolov8n-fuse.yaml"
 EARLY = ROOT / "models" / "yolov8n-fuse-early.yaml"
@@ -195,6 +197,116 @@ def test_streams_compute_what_the_checkpoint_computes_and_fusion_starts_as_their
         torch.testing.assert_close(got[j], (got[rgb_layer] + got[ir_layer]) / 2, rtol=1e-5, atol=1e-5)
 
 
+def head_inputs_and_outputs(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """The feature maps the Detect head reads (P3, P4, P5), then every tensor of its output (eval mode)."""
+    seen = []
+    hook = model.model[-1].register_forward_hook(lambda m, inputs, output: seen.extend(inputs[0]))
+    with torch.no_grad():
+        outputs = model(x)
+    hook.remove()
+    return [t.clone() for t in seen] + tensors(outputs)
+
+
+def tensors(out) -> list[torch.Tensor]:
+    """All tensors of a model output (a tensor, or tuples, lists and dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [t for o in values for t in tensors(o)]
+
+
+def real_pairs(data: Path, channels: int, split: str = "val") -> torch.Tensor:
+    """The pairs of `data` as the model takes them: N x channels x 64 x 64 in 0..1, padded with 114 as stock's
+    letterbox pads."""
+    stacks = []
+    for rgb in sorted((data.parent / "images" / split).glob("*.jpg")):
+        stack, _ = load_pair(rgb, channels, 64)
+        h, w = stack.shape[:2]
+        stacks.append(torch.from_numpy(np.pad(stack, ((0, 64 - h), (0, 64 - w), (0, 0)), constant_values=114)))
+    return torch.stack(stacks).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def calibrated(work, datasets):
+    """family -> a stock checkpoint of it (n scale) with the demo's classes, random conv weights, and the BatchNorm
+    statistics of the demo's train frames (RGB and IR). A fresh or briefly trained model computes nearly the same
+    whatever its input, because its activations fade layer after layer (a stock YOLOv8n trained 1 epoch on 4 pairs:
+    outputs 1.5e-5 apart between two fusion starts), so a comparison of outputs on it could hardly fail; on this one
+    the features, and so the outputs, depend on the input as a trained model's do."""
+    made = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            model = ultralytics.YOLO(f"{family}.yaml")
+            model.model = type(model.model)(f"{family}.yaml", nc=3, verbose=False)
+            model.model.names = {0: "person", 1: "sign", 2: "car"}
+            x = real_pairs(datasets(4), 4, "train")
+            for bn in (m for m in model.model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+                bn.reset_running_stats()
+                bn.momentum = None  # the statistics of the next batch, exactly
+            with torch.no_grad():
+                model.model.train()(torch.cat([x[:, :3], x[:, 3:].expand(-1, 3, -1, -1)]))
+            made[family] = work / f"calibrated-{family}.pt"
+            model.save(made[family])
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("sensor", ["rgb", "ir"])
+@pytest.mark.parametrize(
+    "family, fusion, channels",
+    [
+        ("yolov8n", "mid", 4),
+        ("yolov8n", "mid", 6),
+        ("yolov8n", "early", 4),
+        ("yolov8n", "early", 6),
+        ("yolo11n", "mid", 4),
+        ("yolo12n", "mid", 4),
+        ("yolo26n", "mid", 4),
+        ("yolo26n", "p3", 4),
+        ("yolo26n", "early", 4),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, int) else f"{v}ch",
+)
+def test_fusion_init_from_one_sensor_computes_what_the_checkpoint_computes_on_that_sensor(
+    family, fusion, channels, sensor, calibrated, datasets, tmp_path
+):
+    """FUSION_INIT="rgb" ("ir"): before the first step the fused model (eval mode) computes on the demo's val pairs
+    what the stock checkpoint computes on their RGB frames (their IR frames as RGB: gray, R=G=B): the same feature
+    maps into the Detect head, and the same outputs. The checkpoint has the demo's classes, so its head is taken
+    whole. (fuse.py's mid and early fusion of yolov8n are the project's two yamls.)
+
+    Exactly, but for "ir" with 1 IR channel: there the first conv's IR filter is the sum of the checkpoint's three RGB
+    filters, so it computes (w_r + w_g + w_b) * g where the stock model computes w_r * g + w_g * g + w_b * g: the same
+    number, rounded differently, and the layers after it carry that on: measured up to 1.3e-5 of each tensor's largest
+    value, 1e-4 allowed. The default start, the mean of the two streams, is more than 0.1 of it away."""
+    weights, data = calibrated(family), datasets(channels)
+    stock = ultralytics.YOLO(str(weights)).model.float().eval()
+    x = real_pairs(data, channels)
+    expected = head_inputs_and_outputs(stock, x[:, :3] if sensor == "rgb" else x[:, 3:].expand(-1, 3, -1, -1))
+    model_cfg = fuse.write(fuse.resolve(weights, fusion), tmp_path)
+    got, summary = {}, ""
+    for init in ("mean", sensor):
+        model = yolofuse.YOLO(str(model_cfg))
+        summary = pretrained.start_from(model, weights, data, init=init)
+        got[init] = head_inputs_and_outputs(model.model.eval(), x)
+    assert len(got[sensor]) == len(expected) > 3
+    for ours, theirs in zip(got[sensor], expected):
+        if sensor == "ir" and channels == 4:
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * theirs.abs().max().item())
+        else:
+            assert torch.equal(ours, theirs)
+    for mean, theirs in zip(got["mean"][:3], expected):  # the maps: an end-to-end head's outputs may saturate
+        assert (mean - theirs).abs().max() > 0.1 * theirs.abs().max(), "the default start computes the same"
+    other = "IR" if sensor == "rgb" else "RGB"
+    if fusion != "early":
+        assert f"as the {sensor.upper()} stream alone ({other} weights at zero)" in summary
+    else:
+        assert f"(first conv: {'the RGB filters, IR at zero' if sensor == 'rgb' else 'IR = '}" in summary
+        assert summary.count("at zero") == 1 and f"{other} at zero" in summary
+
+
 @pytest.mark.parametrize("model_cfg, channels", [(MID, 4), (EARLY, 6)], ids=["mid-4ch", "early-6ch"])
 def test_training_starts_from_the_transferred_weights(model_cfg, channels, checkpoints, datasets, tmp_path):
     """Ultralytics' trainer builds its own model; at its first step it (and its EMA) must hold every transferred
@@ -303,11 +415,12 @@ def test_missing_stock_weights_are_downloaded_there_when_online(tmp_path, downlo
 # -------------------------------------------------------------------------------------------------------- launcher
 def test_launcher_starts_a_fresh_run_from_weights_and_a_resumed_run_ignores_them(checkpoints, datasets, tmp_path):
     runs, weights = tmp_path / "runs", checkpoints("yolov8n.yaml")
-    settings = (f"DATA={datasets(4)}", f"RUNS_DIR={runs}", "EPOCHS=2", f"WEIGHTS={weights}")
+    settings = (f"DATA={datasets(4)}", f"RUNS_DIR={runs}", "EPOCHS=2", f"WEIGHTS={weights}", "FUSION_INIT=ir")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILLER_AFTER_SAVE": "1"}
     first = subprocess.run(killer_cmd(*settings), capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == -9, first.stdout[-2000:] + first.stderr[-2000:]  # killed after epoch 1, unfinished
     assert "Transferred from yolov8n.pt: RGB stream 162/162, IR stream 162/162" in first.stdout
+    assert "fusion: 3 1x1 convs start as the IR stream alone (RGB weights at zero)" in first.stdout
 
     second = run_train_dual(*settings)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]

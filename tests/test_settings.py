@@ -71,6 +71,11 @@ def test_every_constant_of_the_launcher_has_a_check():
         ("DEVICE", "gpu", "'cpu', or GPU numbers"),
         ("DEVICE", 7, "no GPU 7 here"),
         ("DEVICE", "0,0", "twice"),
+        ("MODALITY_DROPOUT", 1.5, "must be a number from 0.0 to 1.0"),
+        ("MODALITY_DROPOUT", -0.1, "must be a number from 0.0 to 1.0"),
+        ("MODALITY_DROPOUT", "0.3", "must be a number from 0.0 to 1.0"),
+        ("FUSION_INIT", "thermal", "must be one of 'mean', 'rgb', 'ir'"),
+        ("FUSION_INIT", None, "must be one of 'mean', 'rgb', 'ir'"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_setting_its_value_and_what_it_may_be(name, value, expected):
@@ -185,9 +190,9 @@ def test_cleanup_cli_refuses_a_map_outside_0_to_1(tmp_path, capsys, value, expec
 # What may change on resume
 
 RUN = dict(epochs=3, batch=16, nbs=64, imgsz=640, seed=0, patience=100, close_mosaic=10, cache=False, workers=8)
-RUN["device"] = "0"
+RUN.update(device="0", modality_dropout=0.0)
 CURRENT = dict(EPOCHS=3, BATCH=16, NBS=64, IMGSZ=640, SEED=0, PATIENCE=100, CLOSE_MOSAIC=10, CACHE=False, WORKERS=8)
-CURRENT["DEVICE"] = "0"
+CURRENT.update(DEVICE="0", MODALITY_DROPOUT=0.0)
 
 
 def test_nothing_changed_says_nothing():
@@ -196,11 +201,14 @@ def test_nothing_changed_says_nothing():
 
 def test_settings_given_on_the_command_line_take_effect_each_with_a_line():
     current = {**CURRENT, "BATCH": 8, "PATIENCE": 5, "CLOSE_MOSAIC": 0, "CACHE": "ram", "WORKERS": 2, "DEVICE": "1"}
+    current["MODALITY_DROPOUT"] = 0.3
     changes, lines = settings.resume_changes(current, set(current), RUN)
-    assert changes == dict(batch=8, patience=5, close_mosaic=0, cache="ram", workers=2)
+    assert changes == dict(batch=8, patience=5, close_mosaic=0, cache="ram", modality_dropout=0.3, workers=2)
     assert "BATCH: 16 -> 8 from here on; the batches differ from here on, so the run is no longer an exact" in lines[1]
     assert lines[0] == "DEVICE: the run trained on '0', now on '1'"
-    assert {line.split(":")[0] for line in lines} == {"DEVICE", "BATCH", "PATIENCE", "CLOSE_MOSAIC", "CACHE", "WORKERS"}
+    assert {line.split(":")[0] for line in lines} == {
+        "DEVICE", "BATCH", "PATIENCE", "CLOSE_MOSAIC", "CACHE", "MODALITY_DROPOUT", "WORKERS"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name, value", [("IMGSZ", 320), ("SEED", 1), ("NBS", 32)])

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 MODES = ("predict", "val", "export")
+OURS = {"predict": ("ir",), "val": ("sensors",)}  # each mode's arguments that `yolo` does not have
 REFUSED = 2  # exit status of a refused call (bad argument or input file), as argparse uses for bad arguments
 HELP = """Use a trained RGB+IR model as the `yolo` command does, with the same key=value arguments and defaults:
 
@@ -20,7 +21,8 @@ predict: RGB images, folders, globs or videos; each IR partner is found by the p
          with the boxes to runs/detect/predict unless save=False.
     python -m yolofuse predict model=runs/fuse/weights/best.pt source=datasets/demo_night/images/val
     python -m yolofuse predict model=runs/fuse/weights/best.pt source=rgb.mp4 ir=thermal.mp4
-val:     mAP on a paired data yaml whose channels: match the model's.
+val:     mAP on a paired data yaml whose channels: match the model's. sensors=True: also with the IR input blanked
+         (RGB only), then the RGB input (IR only), as a table saved to sensors.csv in the val folder.
     python -m yolofuse val model=runs/fuse/weights/best.pt data=data_config.yaml
 export:  any format of `yolo export`; the exported file then predicts and validates here too.
     python -m yolofuse export model=runs/fuse/weights/best.pt format=onnx simplify=False
@@ -29,15 +31,15 @@ All arguments: https://docs.ultralytics.com/usage/cfg"""
 
 
 def parse(args: list[str]) -> tuple[str, dict]:
-    """(mode, arguments) from `MODE key=value ...`, read and checked by stock's CLI functions. `ir` (predict) is
-    ours; the rest must be valid `yolo` arguments with valid values."""
+    """(mode, arguments) from `MODE key=value ...`, read and checked by stock's CLI functions. OURS are ours; the
+    rest must be valid `yolo` arguments with valid values."""
     from ultralytics.cfg import get_cfg, merge_equals_args, parse_key_value_pair
 
     mode, *pairs = merge_equals_args(args)
     if mode not in MODES:
         raise SyntaxError(f"'{mode}' is not a mode here; use {', '.join(MODES)} (train with python train_dual.py)")
     overrides = dict(parse_key_value_pair(a) if "=" in a else (a, None) for a in pairs)  # a bare key has no value
-    stock = {k: v for k, v in overrides.items() if not (mode == "predict" and k == "ir")}  # a copy: stock edits it
+    stock = {k: v for k, v in overrides.items() if k not in OURS.get(mode, ())}  # a copy: stock edits it
     logging.disable(logging.INFO)  # on an unknown key stock logs its `yolo` usage first; ours is in HELP
     try:
         get_cfg(overrides=stock)  # stock's key and value checks, as `yolo` runs them

@@ -36,6 +36,7 @@ RUN_FILES = (
     "args.yaml",
     "model-*.yaml",  # the architecture the run trains (yolofuse.fuse.write)
     "results.csv",
+    "sensors.csv",  # best.pt validated per sensor (yolofuse.sensors)
     "results.png",
     "labels.jpg",
     "train_batch*.jpg",

@@ -21,7 +21,7 @@ from ultralytics.data.dataset import YOLODataset
 from ultralytics.data.utils import IMG_FORMATS, get_hash, img2label_paths
 from ultralytics.utils import LOGGER
 
-from yolofuse import replay
+from yolofuse import replay, sensors
 
 RGB_DIR, IR_DIR = "images", "imagesIR"
 SUPPORTED_CHANNELS = {4: "RGB + 1-channel IR", 6: "RGB + 3-channel IR"}
@@ -302,6 +302,8 @@ class RGBOnlyHSV(RandomHSV):
 class PairedDataset(YOLODataset):
     """YOLODataset whose images are stacked RGB+IR pairs; every stock geometric augmentation moves both at once."""
 
+    modality_dropout = 0.0  # the fraction of samples with one sensor blanked; the trainer sets it on its train set
+
     def get_cache_hash(self) -> str:
         # The stock hash covers RGB images and labels; adding, removing or replacing IR files must also invalidate it.
         return get_hash([super().get_cache_hash(), *map(str, ir_paths(self.im_files))])
@@ -332,8 +334,11 @@ class PairedDataset(YOLODataset):
 
     def __getitem__(self, key):
         # The train loader passes replay.SampleKey: seeded augmentation, mosaic partners from the sample's own batch.
+        # Modality dropout comes after the augmentations, under the same seed.
         with replay.sample(self, key) as index:
-            return super().__getitem__(index)
+            sample = super().__getitem__(index)
+            sensors.drop_modality(sample["img"], self.modality_dropout)
+            return sample
 
     def pair_cache_file(self, i: int) -> Path:
         # Own suffix per channel count: never read or overwritten by a stock RGB cache (x.npy).

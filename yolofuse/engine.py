@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import ultralytics
+from ultralytics.cfg import cfg2dict
 from ultralytics.data.build import build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.engine.results import Results
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionTrainer, DetectionValidator
 from ultralytics.nn.backends.base import BaseBackend
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
-from ultralytics.utils import LOGGER, RANK, ops
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, ops
 from ultralytics.utils.torch_utils import EarlyStopping
 
 from yolofuse import (
@@ -24,6 +25,8 @@ from yolofuse import (
     nn,  # noqa: F401  (registers the Modality layer, so fusion yamls build)
     offline,
     replay,
+    sensors,
+    settings,
 )
 from yolofuse.data import SUPPORTED_CHANNELS, DatasetError, check_dataset, load_pair, paired_datasets
 from yolofuse.source import PairedSource, WithIR
@@ -62,10 +65,19 @@ def side_by_side(batch: dict) -> dict:
 
 
 class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
-    """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run."""
+    """DetectionTrainer on stacked pairs, with durable checkpoints and a resume that can extend the run.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    Takes one argument stock does not: `modality_dropout` (see `sensors`), kept in `args` from then on.
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        overrides = dict(overrides or {})
+        dropout = overrides.pop(sensors.DROPOUT_ARG, None)  # before stock checks the names of the arguments
+        try:
+            self.requested_dropout = None if dropout is None else settings.fraction(dropout)
+        except ValueError as e:
+            raise ValueError(f"{sensors.DROPOUT_ARG}={dropout!r}: {e}") from None
+        super().__init__(cfg, overrides, _callbacks)
         self.extra_passes = 0  # train-loader passes beyond one per epoch (see replay.epoch_started)
         if replay.epoch_started not in self.callbacks["on_train_epoch_start"]:  # DDP workers get it with the others
             self.add_callback("on_train_epoch_start", replay.epoch_started)
@@ -95,7 +107,10 @@ class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
 
     def build_dataset(self, img_path, mode="train", batch=None):
         with paired_datasets():
-            return super().build_dataset(img_path, mode, batch)
+            dataset = super().build_dataset(img_path, mode, batch)
+        if mode == "train":
+            dataset.modality_dropout = getattr(self.args, sensors.DROPOUT_ARG)
+        return dataset
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
@@ -124,6 +139,9 @@ class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
         if self.resume and wanted and wanted > self.args.epochs:
             LOGGER.info(f"Extending the run from {self.args.epochs} to {wanted} epochs; LR schedule recomputed")
             self.args.epochs = wanted
+        # Before stock saves args.yaml: the dropout asked for, else a resumed run's own (0.0 for runs from before it)
+        if self.requested_dropout is not None or not hasattr(self.args, sensors.DROPOUT_ARG):
+            setattr(self.args, sensors.DROPOUT_ARG, self.requested_dropout or 0.0)
 
     def resume_training(self, ckpt):
         """Stock resume, then the exact-resume state stored beside stock's in last.pt (see `replay`)."""
@@ -187,19 +205,37 @@ class FuseTrainer(ddp.DdpSwitch, DetectionTrainer):
         return saved
 
     def final_eval(self):
-        """Stock `final_eval` strips last.pt and best.pt in place and validates best; do it on staged copies."""
-        if RANK not in {-1, 0}:
-            return super().final_eval()  # only rank 0 touches the run folder
+        """Stock `final_eval` strips last.pt and best.pt in place and validates best; do it on staged copies.
+
+        Then best.pt is validated with each sensor blanked in turn: the three rows go into best.pt (`sensor_metrics`)
+        before it is committed, into sensors.csv, and onto the screen.
+        """
+        if RANK not in {-1, 0}:  # only rank 0 touches the run folder; every rank validates
+            super().final_eval()
+            self.validate_sensors(self.best)
+            return
         paths = self.last, self.best
         with self.staged_checkpoints():
             for path in paths:
                 if path.exists():
                     shutil.copyfile(path, checkpoint.staged(path))  # stock's strip re-saves it without our member
             super().final_eval()
+            rows = self.validate_sensors(self.best)
+            if rows:
+                sensors.add_to_checkpoint(self.best, rows)
         for path in paths:
             if checkpoint.staged(path).exists():
                 checkpoint.commit(checkpoint.staged(path), path)
         checkpoint.previous_of(self.last).unlink(missing_ok=True)  # a finished run has nothing to fall back to
+        if rows:
+            sensors.report(rows, self.save_dir, self.best.name)
+
+    def validate_sensors(self, best: Path) -> dict | None:
+        """best.pt's rows per sensor, after stock's final validation of it. None on ranks above 0, and where stock
+        did not validate (no best.pt; CPU multi-process runs)."""
+        if not best.exists() or not isinstance(self.validator, FuseValidator):
+            return None
+        return sensors.validate(self.validator, best, self.metrics)
 
 
 def model_channels(model) -> int | None:
@@ -221,6 +257,18 @@ def check_pair_model(channels: int | None, model_file) -> None:
 
 class FuseValidator(DetectionValidator):
     """DetectionValidator on stacked pairs, for the model in training or for a `.pt` or exported model on its own."""
+
+    blank = None  # "rgb" or "ir": that sensor is blanked in every batch, for any model format (sensors.validate)
+
+    def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
+        if args is not None:  # the trainer's arguments: stock's validator refuses names it does not know
+            args = {k: v for k, v in cfg2dict(args).items() if k != sensors.DROPOUT_ARG}
+        super().__init__(dataloader, save_dir, args, _callbacks)
+
+    def preprocess(self, batch):
+        if self.blank:
+            sensors.blank(batch["img"], self.blank)  # uint8, before stock's /255
+        return super().preprocess(batch)
 
     def build_dataset(self, img_path, mode="val", batch=None):
         with paired_datasets():
@@ -318,6 +366,13 @@ class FuseDetectionModel(DetectionModel):
         super().__init__(cfg, ch=ch or cfg.get("channels", DEFAULT_CHANNELS), nc=nc, verbose=verbose)
 
 
+def validate_per_sensor(validator, model, both: dict) -> dict:
+    """`sensors.validate` and `sensors.report` after a `val` (whose keyword `sensors` hides the module there)."""
+    rows = sensors.validate(validator, model, both)
+    sensors.report(rows, validator.save_dir, Path(str(validator.args.model)).name)
+    return rows
+
+
 class YOLO(ultralytics.YOLO):
     """`ultralytics.YOLO` whose train, resume, val and predict use the paired classes above, on a `.pt` model or an
     export of it (TorchScript, ONNX, OpenVINO, ...)."""
@@ -332,9 +387,12 @@ class YOLO(ultralytics.YOLO):
         predictor = predictor or (FusePredictor if side_by_side else RGBOnlyPredictor)
         return super().predict(source if ir is None else WithIR(source, ir), stream, predictor, **kwargs)
 
-    def val(self, validator=None, **kwargs):
+    def val(self, validator=None, sensors=False, **kwargs):
         """Stock `val`, once the model is known to take the data's channels: stock creates the run folder before
-        it reads the data, and a refused call leaves nothing behind."""
+        it reads the data, and a refused call leaves nothing behind.
+
+        With `sensors=True`, also with each sensor blanked in turn: the three rows are printed, saved as sensors.csv
+        in the val folder, and kept in `self.sensor_metrics`; the return value is stock's, both sensors."""
         data, model_file = kwargs.get("data") or self._val_data(), self.overrides["model"]
         channels = model_channels(self.model)
         check_pair_model(channels, model_file)
@@ -344,7 +402,18 @@ class YOLO(ultralytics.YOLO):
                 f"{data}: says channels: {data_channels} but {model_file} takes {channels}; validate it on data "
                 f"with channels: {channels}"
             )
-        return super().val(validator, **{**kwargs, "data": data})
+        kwargs["data"] = data
+        if not sensors:
+            return super().val(validator, **kwargs)
+        made = []
+
+        def make(*args, **kw):  # the validator stock builds: the one-sensor runs reuse its loader and settings
+            made.append((validator or self._smart_load("validator"))(*args, **kw))
+            return made[-1]
+
+        metrics = super().val(make, **kwargs)
+        self.sensor_metrics = validate_per_sensor(made[0], self.model, metrics.results_dict)
+        return metrics
 
     @property
     def task_map(self):

@@ -15,7 +15,9 @@ the tensors by name and shape, so the head is treated exactly as stock treats it
 when the class count differs, rows of same-named classes kept). What stock cannot know is set here: each stream's
 first conv gets the checkpoint's RGB filters on its own modality's channels only (IR: the sum over the RGB filters for
 1 IR channel, so a gray image gives the response of R=G=B; a copy for 3), and each fusion conv starts as the mean of
-the two streams.
+the two streams, or (`init` "rgb" or "ir": FUSION_INIT) as one stream alone, the other's weights at zero, so that the
+fused model computes exactly what the checkpoint computes on that sensor (early fusion: the other sensor's filters of
+the first conv at zero).
 """
 
 from collections import Counter
@@ -29,27 +31,35 @@ from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import is_online
 from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, GITHUB_ASSETS_REPO, attempt_download_asset
 
-from yolofuse import checkpoint
+from yolofuse import checkpoint, settings
 from yolofuse.checkpoint import CheckpointError
 from yolofuse.fuse import inputs
 from yolofuse.nn import RGB_CHANNELS
 
 STREAM = {"rgb": "RGB stream", "ir": "IR stream", None: "backbone"}  # part names, by the stream's Modality argument
 NECK = "neck/head"
+MODALITY = {name: modality for modality, name in STREAM.items()}
+INITS = {  # FUSION_INIT (its allowed values are checked in settings.CHECKS) -> how each fusion conv starts
+    "mean": "the mean of the two streams",
+    "rgb": "the RGB stream alone (IR weights at zero)",
+    "ir": "the IR stream alone (RGB weights at zero)",
+}
 
 
-def start_from(model, weights: Path, data: Path) -> str:
+def start_from(model, weights: Path, data: Path, init: str = "mean") -> str:
     """Give `model` (a yolofuse.YOLO built from a fused yaml) the weights of `weights`; its `train()` starts from them.
+    The fusion starts as `init` says (INITS).
 
     The fused model is built for `data`'s classes and channels, as the trainer would build it, and the transfer is
     checked before anything trains: a checkpoint of another task, family or scale raises CheckpointError naming the
     file and the mismatch. Returns the one-line summary of what was transferred.
     """
+    settings.check({"FUSION_INIT": init})
     source = _source(weights)
     config = check_det_dataset(str(data))
     fused = type(model.model)(model.cfg, ch=config["channels"], nc=config["nc"], verbose=False)
     fused.names = config["names"]  # stock load keeps the rows of same-named classes, as the trainer's load does
-    summary = transfer(source, fused, weights)
+    summary = transfer(source, fused, weights, init)
     # Model.train() seeds its trainer from model.model only while model.ckpt is set, as after Model.load (the trainer
     # otherwise rebuilds the model from the yaml, with random weights); the trainer's copy takes every tensor by name.
     model.model, model.ckpt = fused, {"model": fused}
@@ -172,8 +182,9 @@ def layer_map(ours: dict, theirs: dict, weights: Path) -> LayerMap:
     return LayerMap(source, part, streams, fusions)
 
 
-def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
-    """Copy `source` (a single-stream DetectionModel) into `fused` in place; returns the one-line summary."""
+def transfer(source: nn.Module, fused: nn.Module, weights: Path, init: str = "mean") -> str:
+    """Copy `source` (a single-stream DetectionModel) into `fused` in place, the fusion as `init` says (INITS);
+    returns the one-line summary."""
     plan = check_fits(source, fused.yaml, weights)
     src_layers, src_names = list(source.model), source.names
     rgb_filters = _first_conv(src_layers[0]).weight.detach().clone()
@@ -190,18 +201,23 @@ def transfer(source: nn.Module, fused: nn.Module, weights: Path) -> str:
         for start, modality in plan.streams.items():
             conv = _first_conv(fused.model[start])
             conv.weight.zero_()  # a stream's filters for the other modality's channels only ever see zeros
-            if modality in ("rgb", None):
+            if modality == "rgb" or (modality is None and init != "ir"):  # early fusion from one sensor: not the other
                 conv.weight[:, :RGB_CHANNELS] = rgb_filters
-            if modality in ("ir", None):  # 1 channel: gray IR answers like R=G=B; 3 channels: as RGB
+            if modality == "ir" or (modality is None and init != "rgb"):  # 1 channel: gray answers like R=G=B
                 conv.weight[:, RGB_CHANNELS:] = rgb_filters.sum(1, keepdim=True) if ir == 1 else rgb_filters
         for j in plan.fusions:
             conv, bn = fused.model[j].conv, fused.model[j].bn
-            half = torch.eye(conv.out_channels)[:, :, None, None] / 2
-            conv.weight.copy_(torch.cat([half, half], 1))  # (a + b) / 2, channel by channel
+            concat = fused.model[j - 1]
+            eye = torch.eye(conv.out_channels)[:, :, None, None]
+            parts = [MODALITY[plan.part[x if x >= 0 else concat.i + x]] for x in concat.f]  # the streams, in order
+            blocks = [eye / 2 if init == "mean" else eye * (modality == init) for modality in parts]
+            conv.weight.copy_(torch.cat(blocks, 1))  # (a + b) / 2, or one of them, channel by channel
             bn.weight.fill_(1), bn.bias.zero_(), bn.running_mean.zero_(), bn.num_batches_tracked.zero_()
             bn.running_var.fill_(1 - bn.eps)  # sqrt(var + eps) == 1: the BatchNorm is the identity in eval mode
     first_conv = f"first conv: IR = {'sum' if ir == 1 else 'copy'} of the RGB filters"
-    return _summary(fused, plan, theirs, src_names, weights, first_conv)
+    if not plan.fusions and init != "mean":  # early fusion
+        first_conv = "first conv: the RGB filters, IR at zero" if init == "rgb" else f"{first_conv}, RGB at zero"
+    return _summary(fused, plan, theirs, src_names, weights, first_conv, init)
 
 
 def check_fits(source: nn.Module, cfg: dict, weights: Path) -> LayerMap:
@@ -229,7 +245,9 @@ def check_fits(source: nn.Module, cfg: dict, weights: Path) -> LayerMap:
     return plan
 
 
-def _summary(fused: nn.Module, plan: LayerMap, theirs: dict, src_names: dict, weights: Path, first_conv: str) -> str:
+def _summary(
+    fused: nn.Module, plan: LayerMap, theirs: dict, src_names: dict, weights: Path, first_conv: str, init: str
+) -> str:
     """One line: tensors transferred per part, and those that were not, with the reason.
 
     `theirs` holds the shapes the checkpoint offered under the fused names. Only class outputs may differ in shape
@@ -257,7 +275,7 @@ def _summary(fused: nn.Module, plan: LayerMap, theirs: dict, src_names: dict, we
     line = f"Transferred from {weights.name}: " + ", ".join(parts.values())
     if plan.fusions:
         n = len(plan.fusions)
-        line += f"; fusion: {n} 1x1 conv{'s start' if n > 1 else ' starts'} as the mean of the two streams"
+        line += f"; fusion: {n} 1x1 conv{'s start' if n > 1 else ' starts'} as {INITS[init]}"
     if unmatched:
         line += f"; layers {', '.join(map(str, sorted(unmatched)))} have no counterpart there and start at random"
     if class_outputs:

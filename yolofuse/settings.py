@@ -98,6 +98,13 @@ def one_of(*allowed):
     return check
 
 
+def fraction(value):
+    """A number from 0 to 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError("must be a number from 0.0 to 1.0")
+    return float(value)
+
+
 def batch(value):
     """Stock's batch: images per batch, -1 for the largest that fits the GPU, or a fraction of GPU memory to fill."""
     if isinstance(value, bool) or not (
@@ -157,6 +164,7 @@ CHECKS = {  # every constant of train_dual.py: what it may be
     "MODEL": text,
     "FUSION": one_of(*FUSIONS),
     "WEIGHTS": optional_text,
+    "FUSION_INIT": one_of("mean", "rgb", "ir"),  # pretrained.INITS
     "RUNS_DIR": text,  # and check_run_folder
     "EPOCHS": whole(1),
     "BATCH": batch,
@@ -168,6 +176,7 @@ CHECKS = {  # every constant of train_dual.py: what it may be
     "PATIENCE": whole(0),
     "CLOSE_MOSAIC": whole(0),
     "CACHE": cache,
+    "MODALITY_DROPOUT": fraction,  # the fraction of training samples with one sensor blanked
     "KEEP_LATEST": whole(0),
     "MAP_WHITELIST": map_fraction,
     "CLEANUP_EVERY": whole(1),
@@ -238,6 +247,11 @@ ON_RESUME = {
     "CACHE": ("cache", "changes", ""),
     "PATIENCE": ("patience", "changes", ""),
     "CLOSE_MOSAIC": ("close_mosaic", "changes", ""),
+    "MODALITY_DROPOUT": (
+        "modality_dropout",
+        "changes",
+        "other samples are blanked, so the run is no longer an exact replay",
+    ),
     "WORKERS": ("workers", "this machine", ""),
     "NBS": ("nbs", "fixed", "it sets how many images each optimizer step averages, which the run was tuned with"),
     "IMGSZ": ("imgsz", "fixed", "the model has learned at its size; lower BATCH instead to save memory"),
