@@ -7,13 +7,15 @@ from scratch and from that stock run's best.pt ("RGB-pretrained": its weights in
 YOLO26n also on the IR half alone (1 channel). Same settings for all (bench/ablation.py's: batch 8, seed 0, CPU).
 
 Columns: parameters and GFLOPs at 640 of the trained model (the demo's 3 classes, its input channels), training
-seconds per epoch (mean over epochs 2..EPOCHS, training only, no validation), and mAP50 / mAP50-95 of best.pt on
-val. "time x" and "GFLOPs x" are the row's over its family's stock RGB row: a second stream should cost what its
-arithmetic costs, so the two should be close. The table goes to stdout and to the -o file (markdown).
+seconds per epoch (median over epochs 2..EPOCHS, training only, no validation; the median, so that a minute of
+other load on the machine does not move a row), and mAP50 / mAP50-95 of best.pt on val. "time x" and "GFLOPs x"
+are the row's over its family's stock RGB row: a second stream should cost what its arithmetic costs, so the two
+should be close. The table goes to stdout and to the -o file (markdown).
 """
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +45,7 @@ def row(model, data: Path, run: Path, epochs: int, imgsz: int) -> dict:
     return {
         "params": sum(p.numel() for p in best.parameters()) / 1e6,
         "gflops": get_flops(best, 640),
-        "s/epoch": sum(seconds[1:]) / max(len(seconds) - 1, 1),
+        "s/epoch": statistics.median(seconds[1:] or seconds),
         "map": scores["all"],
     }
 
@@ -80,6 +82,7 @@ def main():
                     folder.mkdir(parents=True)
                     source = source / "weights" / "best.pt" if start != "scratch" else source
                     rows[family, fusion, start] = row(fused(source, fusion, folder), PAIRED, folder / "run", *size)
+                    print(f"ROW {family} {fusion} {start}: {rows[family, fusion, start]}", flush=True)
     lines = [
         f"Demo set ({PAIRED.name}: 64 train / 32 val pairs), {args.epochs} epochs, imgsz {args.imgsz}, batch "
         f"{SETTINGS['batch']}, seed 0, {os.cpu_count()}-core CPU. Time and GFLOPs x: over the family's stock RGB row.",
