@@ -44,12 +44,13 @@ SEED = 0  # random seed, for repeatable runs
 PATIENCE = 100  # early stopping: epochs without improvement before stopping
 CLOSE_MOSAIC = 10  # the last this many epochs train without mosaic augmentation
 CACHE = False  # cache decoded image pairs: False, "ram" or "disk"
+PLOTS = True  # draw label, batch (RGB | IR), curve and confusion plots into the run folder; False: seconds faster
 MODALITY_DROPOUT = 0.0  # fraction of training samples with one sensor (RGB or IR, at random) blanked; 0.0: off
 KEEP_LATEST = 3  # cleanup keeps this many newest experiments in RUNS_DIR...
 MAP_WHITELIST = 0.8  # ...and every experiment whose best mAP50 is at least this
 CLEANUP_EVERY = 10  # prune old experiments every this many epochs (and at once when the disk is nearly full)
 TRASH_HOURS = 24.0  # pruned experiments wait in RUNS_DIR/.trash this long before they are deleted
-MIN_FREE_GB = 5.0  # below this much free disk, the trash is emptied at once
+MIN_FREE_GB = 5.0  # below this much free disk, the trash is emptied at once (only into ARCHIVE_DIR, when that is set)
 ARCHIVE_DIR = None  # a folder (e.g. on a NAS): trash entries are packed there as .tar instead of deleted
 BACKUP_DIR = None  # a folder: best.pt, results.csv, args.yaml of experiments kept for mAP or .keep are copied there
 # ----------------------------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def main() -> int:
             model = YOLO(str(fuse.write(fresh, runs_dir)))
             if fresh.weights:
                 print(pretrained.start_from(model, fresh.weights, data, FUSION_INIT))
-            args.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE)
+            args.update(batch=BATCH, nbs=NBS, imgsz=IMGSZ, seed=SEED, patience=PATIENCE, cache=CACHE, plots=PLOTS)
             args.update(close_mosaic=CLOSE_MOSAIC, modality_dropout=MODALITY_DROPOUT, exist_ok=True)
         model.add_callback("on_fit_epoch_end", pruning)
         ddp.send(model, args)  # torchrun: the other ranks train this model with these settings

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "datasets" / "demo_night"
 sys.path.insert(0, str(ROOT))
 
-# Fast settings for real training runs on a CPU: tiny images, tiny batches, an optimizer step per batch.
-FAST = ["IMGSZ=64", "BATCH=4", "NBS=4", "WORKERS=0", "CLEANUP_EVERY=1000"]
+# Fast settings for real training runs on a CPU: tiny images, tiny batches, an optimizer step per batch, and no plots
+# (drawing them is seconds of each tiny run; the tests that read plots give PLOTS=True after these).
+FAST = ["IMGSZ=64", "BATCH=4", "NBS=4", "WORKERS=0", "CLEANUP_EVERY=1000", "PLOTS=False"]
 
 
 def make_dataset(root: Path, n_train: int = 8, n_val: int = 4, channels: int = 4) -> Path:
@@ -109,10 +110,11 @@ def train_demo(tmp: Path, model: Path) -> SimpleNamespace:
 
     data = make_dataset(tmp / "data", n_train=64, n_val=4)
     settings = dict(imgsz=64, batch=4, nbs=4, workers=0, device="cpu", cache="ram", mosaic=0.0, close_mosaic=0)
-    # val and save only after the last epoch: their per-epoch cost is most of a short run's time
+    # val and save only after the last epoch, and no plots: their cost is most of a short run's time
     YOLO(str(model)).train(
-        data=str(data), epochs=13, save_dir=str(tmp / "run"), exist_ok=True, val=False, save=False, **settings
-    )
+        data=str(data), epochs=13, save_dir=str(tmp / "run"), exist_ok=True, val=False, save=False, plots=False,
+        **settings,
+    )  # fmt: skip
     return SimpleNamespace(data=data, pt=tmp / "run" / "weights" / "best.pt")
 
 

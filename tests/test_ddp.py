@@ -103,6 +103,7 @@ class Launch(Probed):
             f"DEVICE={DEVICE}",
             MOSAIC,
             f"MODALITY_DROPOUT={DROPOUT}",
+            "PLOTS=True",  # rank 0 draws them
             *POLICY,
         )
         with open(self.folder / "stdout", "w") as out, open(self.folder / "stderr", "w") as err:

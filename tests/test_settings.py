@@ -57,6 +57,7 @@ def test_every_constant_of_the_launcher_has_a_check():
         ("CLOSE_MOSAIC", -2, ">= 0"),
         ("CACHE", "yes", "False, True, 'ram', 'disk'"),
         ("CACHE", 0, "False, True, 'ram', 'disk'"),
+        ("PLOTS", "no", "True, False"),
         ("KEEP_LATEST", -1, ">= 0"),
         ("MAP_WHITELIST", 80, "looks like a percentage: use 0.8"),
         ("MAP_WHITELIST", 2, "looks like a percentage: use 0.02"),
@@ -190,9 +191,9 @@ def test_cleanup_cli_refuses_a_map_outside_0_to_1(tmp_path, capsys, value, expec
 # What may change on resume
 
 RUN = dict(epochs=3, batch=16, nbs=64, imgsz=640, seed=0, patience=100, close_mosaic=10, cache=False, workers=8)
-RUN.update(device="0", modality_dropout=0.0)
+RUN.update(device="0", modality_dropout=0.0, plots=True)
 CURRENT = dict(EPOCHS=3, BATCH=16, NBS=64, IMGSZ=640, SEED=0, PATIENCE=100, CLOSE_MOSAIC=10, CACHE=False, WORKERS=8)
-CURRENT.update(DEVICE="0", MODALITY_DROPOUT=0.0)
+CURRENT.update(DEVICE="0", MODALITY_DROPOUT=0.0, PLOTS=True)
 
 
 def test_nothing_changed_says_nothing():
@@ -201,13 +202,14 @@ def test_nothing_changed_says_nothing():
 
 def test_settings_given_on_the_command_line_take_effect_each_with_a_line():
     current = {**CURRENT, "BATCH": 8, "PATIENCE": 5, "CLOSE_MOSAIC": 0, "CACHE": "ram", "WORKERS": 2, "DEVICE": "1"}
-    current["MODALITY_DROPOUT"] = 0.3
+    current.update(MODALITY_DROPOUT=0.3, PLOTS=False)
     changes, lines = settings.resume_changes(current, set(current), RUN)
-    assert changes == dict(batch=8, patience=5, close_mosaic=0, cache="ram", modality_dropout=0.3, workers=2)
+    expected = dict(batch=8, patience=5, close_mosaic=0, cache="ram", plots=False, modality_dropout=0.3, workers=2)
+    assert changes == expected
     assert "BATCH: 16 -> 8 from here on; the batches differ from here on, so the run is no longer an exact" in lines[1]
     assert lines[0] == "DEVICE: the run trained on '0', now on '1'"
     assert {line.split(":")[0] for line in lines} == {
-        "DEVICE", "BATCH", "PATIENCE", "CLOSE_MOSAIC", "CACHE", "MODALITY_DROPOUT", "WORKERS"
+        "DEVICE", "BATCH", "PATIENCE", "CLOSE_MOSAIC", "CACHE", "PLOTS", "MODALITY_DROPOUT", "WORKERS"
     }  # fmt: skip
 
 

@@ -360,8 +360,9 @@ def test_unreadable_bytes_in_results_csv_are_dropped_and_the_resume_goes_on(tmp_
 
 def test_finished_run_is_archived_and_an_interrupted_archive_is_completed(tmp_path, tiny_data):
     runs = tmp_path / "runs"
-    assert_ok(run_train_dual(*settings_of(runs, tiny_data, 2)))
+    assert_ok(run_train_dual(*settings_of(runs, tiny_data, 2), "PLOTS=True"))  # the plots are the run's files too
     finished = snapshot(runs, top_level_runs_only=True)
+    assert {"results.png", "labels.jpg", "train_batch0.jpg"} <= finished.keys()
     assert "weights/last.pt" in finished and "results.csv" in finished
     users = {"notes.txt": "lr 0.01 was too high", "baseline_model.pt": "the model I compare against"}
     for name, text in users.items():  # the user's files beside the run (RUNS_DIR=experiments, say)
@@ -753,11 +754,12 @@ def test_a_runs_dir_that_cannot_hold_the_run_is_one_line(tmp_path, tiny_data, ru
 # 12. Settings given on the command line on resume: they take effect with a line, or are refused in one
 
 
-def test_batch_patience_cache_and_close_mosaic_change_on_resume_each_with_a_line(tmp_path, killed_run):
-    """The run was killed at BATCH=4 (2 batches of 8 pairs): it resumes at BATCH=2, 4 batches an epoch."""
+def test_batch_patience_cache_close_mosaic_and_plots_change_on_resume_each_with_a_line(tmp_path, killed_run):
+    """The run was killed at BATCH=4 (2 batches of 8 pairs), without plots: it resumes at BATCH=2, 4 batches an epoch,
+    and draws them."""
     runs, data = copy_of(killed_run, tmp_path / "runs")
     record = tmp_path / "resumed.pt"
-    changed = ("BATCH=2", "PATIENCE=7", "CACHE=ram", "CLOSE_MOSAIC=2")
+    changed = ("BATCH=2", "PATIENCE=7", "CACHE=ram", "CLOSE_MOSAIC=2", "PLOTS=True")
     res = run_killer(*settings_of(runs, data, 3), *changed, KILLER_RECORD=str(record))
     assert_ok(res)
     for line in (
@@ -765,14 +767,16 @@ def test_batch_patience_cache_and_close_mosaic_change_on_resume_each_with_a_line
         "PATIENCE: 100 -> 7 from here on",
         "CACHE: False -> 'ram' from here on",
         "CLOSE_MOSAIC: 10 -> 2 from here on",
+        "PLOTS: False -> True from here on",
     ):
         assert line in res.stdout, tail(res)
     assert "Resume ignores" not in res.stdout + res.stderr, tail(res)
     resumed = torch.load(record, weights_only=False)
     assert (resumed["batch_size"], resumed["batches"], resumed["patience"]) == (2, 4, 7)
     args = load_ckpt(runs / "weights" / "last.pt")["train_args"]
-    assert (args["batch"], args["patience"], args["cache"], args["close_mosaic"]) == (2, 7, "ram", 2)
-    assert csv_epochs(runs) == [1, 2, 3]
+    changed_args = ("batch", "patience", "cache", "close_mosaic", "plots")
+    assert tuple(args[k] for k in changed_args) == (2, 7, "ram", 2, True)
+    assert csv_epochs(runs) == [1, 2, 3] and (runs / "results.png").exists()
 
 
 @pytest.mark.parametrize("change", ["IMGSZ=32", "EPOCHS=2"])

@@ -176,6 +176,7 @@ CHECKS = {  # every constant of train_dual.py: what it may be
     "PATIENCE": whole(0),
     "CLOSE_MOSAIC": whole(0),
     "CACHE": cache,
+    "PLOTS": one_of(True, False),
     "MODALITY_DROPOUT": fraction,  # the fraction of training samples with one sensor blanked
     "KEEP_LATEST": whole(0),
     "MAP_WHITELIST": map_fraction,
@@ -245,6 +246,7 @@ def check_run_folder(value: str) -> None:
 ON_RESUME = {
     "BATCH": ("batch", "changes", "the batches differ from here on, so the run is no longer an exact replay"),
     "CACHE": ("cache", "changes", ""),
+    "PLOTS": ("plots", "changes", ""),
     "PATIENCE": ("patience", "changes", ""),
     "CLOSE_MOSAIC": ("close_mosaic", "changes", ""),
     "MODALITY_DROPOUT": (
