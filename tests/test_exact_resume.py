@@ -56,15 +56,6 @@ def assert_killed_run_replays_straight_run(tmp_path, data, epochs, kill_after, *
     return first.stdout + first.stderr, last_step
 
 
-def test_kill_in_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path):
-    # 6 pairs: 2 batches per epoch (4 + 2). Warm-up (3 epochs in Ultralytics 8.4) ramps accumulation from 1 to 4:
-    # the optimizer steps at batches 0, 2 and 6. Killed after epoch 2 (batches 0-3), batch 3's gradient is in the
-    # open window; stock would step at batch 4 on batch 4 alone, the uninterrupted run steps at 6 on batches 3-6.
-    # Mosaic is on for epochs 1-3 and closed for epoch 4. Half the samples have one sensor blanked (modality dropout).
-    data = make_dataset(tmp_path / "data", n_train=6)
-    assert_killed_run_replays_straight_run(tmp_path, data, 4, 2, "CLOSE_MOSAIC=1", "MODALITY_DROPOUT=0.5")
-
-
 def test_kill_after_warmup_with_a_window_open_across_the_epoch_boundary(tmp_path):
     # 10 pairs: 3 batches per epoch (4 + 4 + 2). After warm-up the optimizer steps every 4 batches: at 10 and 14.
     # Killed after epoch 4 (batches 0-11), batch 11's gradient is in the open window; the resumed run must not step
@@ -103,12 +94,24 @@ def test_an_epoch_restarted_after_nan_then_killed(tmp_path):
     assert last_step == 2
 
 
-def test_fused_yolo26_with_musgd(tmp_path):
+def test_kill_in_warmup_with_a_window_open_fused_yolo26_musgd_and_dropout(tmp_path):
     """YOLO26 (end-to-end head, one-to-one and one-to-many branches) fused from the stock yaml, trained with MuSGD,
-    which optimizer=auto picks for real-size runs: stock rounds both of its momentum buffers to FP16 in last.pt."""
+    which optimizer=auto picks for real-size runs: stock rounds both of its momentum buffers to FP16 in last.pt.
+
+    6 pairs: 2 batches per epoch (4 + 2). Warm-up (3 epochs in Ultralytics 8.4) ramps accumulation from 1 to 4: the
+    optimizer steps at batches 0, 2 and 6. Killed after epoch 2 (batches 0-3), batch 3's gradient is in the open
+    window; stock would step at batch 4 on batch 4 alone, the uninterrupted run steps at 6 on batches 3-6. Mosaic is
+    on for epochs 1-3 and closed for epoch 4. Half the samples have one sensor blanked (modality dropout)."""
     data = make_dataset(tmp_path / "data", n_train=6)
     assert_killed_run_replays_straight_run(
-        tmp_path, data, 4, 2, "CLOSE_MOSAIC=1", "MODEL=yolo26n.yaml", fault=dict(KILLER_TRAIN="optimizer=MuSGD")
+        tmp_path,
+        data,
+        4,
+        2,
+        "CLOSE_MOSAIC=1",
+        "MODALITY_DROPOUT=0.5",
+        "MODEL=yolo26n.yaml",
+        fault=dict(KILLER_TRAIN="optimizer=MuSGD"),
     )
     last = tmp_path / "interrupted" / "weights" / "last.pt"
     ckpt = checkpoint.load(last)
